@@ -1,0 +1,566 @@
+"""Run profiles: the typed schema, TOML loading with validation, ``--set`` overrides and a TOML writer.
+
+A profile is a TOML file whose tables mirror the dataclasses below. ``load_profile`` reads one, applies
+``dotted.key=value`` overrides and validates everything; any problem raises a one-line ``UserError``
+(``ConfigError`` for a bad key or value, ``TomlSyntaxError`` for a file that is not valid TOML).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.errors import ConfigError, UserError
+
+OVERRIDE_SOURCE = "--set"
+LAYERS_KEY = "prune.layers"
+
+ATTACK_KINDS = ("pgd", "fgsm-rs", "none")
+EVAL_ATTACK_KINDS = ("pgd", "fgsm-rs")
+SCHEMES = ("irregular", "filter", "column")
+SCHEDULES = ("constant", "cosine", "step", "admm")
+
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    threads: int = 0
+    log_interval_s: float = 1.0
+    checkpoint_every: int = 1
+    init: str = ""
+    bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist-5k"
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 64
+    test_batch_size: int = 500
+    train_subset: int = 0
+    augment: bool = True
+    synthetic_train: int = 512
+    synthetic_test: int = 256
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "lenet"
+    width: int = 16
+    depth: int = 28
+
+
+@dataclass
+class AttackSpec:
+    kind: str = "pgd"
+    eps: float = 0.3
+    step_size: float = 0.01
+    steps: int = 40
+    restarts: int = 1
+
+
+@dataclass
+class AttackConfig:
+    train: AttackSpec = field(default_factory=AttackSpec)
+    eval: AttackSpec = field(default_factory=AttackSpec)
+
+
+@dataclass
+class PruneConfig:
+    scheme: str = "irregular"
+    linear_scheme: str = "irregular"
+    ratio: float = 0.9
+    layers: dict[str, float] = field(default_factory=dict)  # pattern -> ratio, in file order
+
+
+@dataclass
+class AdmmConfig:
+    rho: float = 1e-3
+    rho_multiplier: float = 1.3
+    update_every: int = 4
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    eps_warmup: int = 0  # epochs over which the training attack's eps (and step) ramp up linearly from 0
+
+
+@dataclass
+class PhasesConfig:
+    pretrain: PhaseConfig = field(default_factory=PhaseConfig)
+    admm: PhaseConfig = field(default_factory=lambda: PhaseConfig(schedule="admm"))
+    retrain: PhaseConfig = field(default_factory=PhaseConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1
+    subset: int = 1000
+    final_subset: int = 0
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    admm: AdmmConfig = field(default_factory=AdmmConfig)
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = field(default="", compare=False)  # profile path (or a label); not part of equality
+
+    @property
+    def name(self) -> str:
+        """The run name: ``run.name``, else the profile file's stem."""
+        return self.run.name or Path(self.source).stem or "run"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every schema key with its resolved value, as plain nested dicts (no ``source``)."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# --------------------------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How one leaf value is checked: its type, bounds and allowed choices."""
+
+    kind: str  # "int" | "float" | "bool" | "str" | "choice" | "int_list"
+    lo: float | None = None
+    lo_open: bool = False  # True: value must be > lo
+    hi: float | None = None
+    hi_open: bool = False  # True: value must be < hi
+    split_hi: str = ""  # when set, the upper bound is reported on its own with this note
+    choices: tuple[str, ...] = ()
+
+    def range_text(self) -> str:
+        if self.lo is not None and self.hi is not None and not self.split_hi:
+            left = "(" if self.lo_open else "["
+            right = ")" if self.hi_open else "]"
+            return f" in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+        if self.lo is not None:
+            return f" {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        if self.hi is not None:
+            return f" {'<' if self.hi_open else '<='} {_num(self.hi)}"
+        return ""
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def _int(lo: int | None = None) -> _Rule:
+    return _Rule("int", lo=lo)
+
+
+def _float(lo=None, lo_open=False, hi=None, hi_open=False, split_hi="") -> _Rule:
+    return _Rule("float", lo=lo, lo_open=lo_open, hi=hi, hi_open=hi_open, split_hi=split_hi)
+
+
+def _choice(*choices: str) -> _Rule:
+    return _Rule("choice", choices=choices)
+
+
+_BOOL = _Rule("bool")
+_STR = _Rule("str")
+_UNIT = "inputs are in [0, 1]"
+_RATIO = _float(0, hi=1, hi_open=True)
+
+_RULES: dict[str, _Rule] = {
+    "run.name": _STR,
+    "run.seed": _int(0),
+    "run.device": _choice("auto", "cpu", "cuda"),
+    "run.deterministic": _BOOL,
+    "run.threads": _int(0),
+    "run.log_interval_s": _float(0, lo_open=True),
+    "run.checkpoint_every": _int(0),
+    "run.init": _STR,
+    "run.bf16": _BOOL,
+    "run.channels_last": _BOOL,
+    "run.compile": _BOOL,
+    "data.name": _choice("mnist-5k", "mnist", "cifar10", "synthetic"),
+    "data.root": _STR,
+    "data.download": _BOOL,
+    "data.batch_size": _int(1),
+    "data.test_batch_size": _int(1),
+    "data.train_subset": _int(0),
+    "data.augment": _BOOL,
+    "data.synthetic_train": _int(1),
+    "data.synthetic_test": _int(1),
+    "model.arch": _choice("lenet", "vgg16", "resnet18", "wrn"),
+    "model.width": _int(1),
+    "model.depth": _int(),
+    "prune.scheme": _choice(*SCHEMES),
+    "prune.linear_scheme": _choice(*SCHEMES),
+    "prune.ratio": _RATIO,
+    "admm.rho": _float(0, lo_open=True),
+    "admm.rho_multiplier": _float(1),
+    "admm.update_every": _int(1),
+    "eval.every": _int(0),
+    "eval.subset": _int(0),
+    "eval.final_subset": _int(0),
+}
+for _which, _kinds in (("train", ATTACK_KINDS), ("eval", EVAL_ATTACK_KINDS)):
+    _RULES.update({
+        f"attack.{_which}.kind": _choice(*_kinds),
+        f"attack.{_which}.eps": _float(0, hi=1, split_hi=_UNIT),
+        f"attack.{_which}.step_size": _float(0, lo_open=True, hi=1, split_hi=_UNIT),
+        f"attack.{_which}.steps": _int(1),
+        f"attack.{_which}.restarts": _int(1),
+    })
+for _phase in ("pretrain", "admm", "retrain"):
+    _RULES.update({
+        f"phases.{_phase}.epochs": _int(0),
+        f"phases.{_phase}.optimizer": _choice("sgd", "adam"),
+        f"phases.{_phase}.lr": _float(0, lo_open=True),
+        f"phases.{_phase}.momentum": _float(0, hi=1, hi_open=True),
+        f"phases.{_phase}.nesterov": _BOOL,
+        f"phases.{_phase}.weight_decay": _float(0),
+        f"phases.{_phase}.schedule": _choice(*SCHEDULES),
+        f"phases.{_phase}.milestones": _Rule("int_list", lo=0),
+        f"phases.{_phase}.gamma": _float(0, lo_open=True, hi=1),
+        f"phases.{_phase}.eps_warmup": _int(0),
+    })
+
+
+def schema_keys() -> list[str]:
+    """Every settable dotted key (``prune.layers`` stands for its whole table)."""
+    return [*_RULES, LAYERS_KEY]
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+class TomlSyntaxError(UserError):
+    """A profile is not valid TOML; the message is ``<file>:<line>:<column>: invalid TOML: <reason>``."""
+
+    def __init__(self, path: str, line: int, column: int, reason: str):
+        self.path, self.line, self.column, self.reason = path, line, column, reason
+        super().__init__(f"{path}:{line}:{column}: invalid TOML: {reason}")
+
+
+def _toml_error(path: str, text: str, exc: tomllib.TOMLDecodeError) -> TomlSyntaxError:
+    message = str(exc).splitlines()[0] if str(exc) else "syntax error"
+    line, col = getattr(exc, "lineno", None), getattr(exc, "colno", None)
+    m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", message)
+    if m:
+        line, col = int(m.group(1)), int(m.group(2))
+    elif re.search(r"\(at end of document\)\s*$", message) and line is None:
+        lines = text.split("\n")
+        line, col = len(lines), len(lines[-1]) + 1
+    reason = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)\s*$", "", message)
+    reason = getattr(exc, "msg", None) or reason
+    return TomlSyntaxError(path, line or 1, col or 1, reason)
+
+
+def _found(value: Any) -> Any:
+    """What to show after 'found': the value itself for plain TOML values, a short label otherwise."""
+    if isinstance(value, dict):
+        return "<a table>"
+    if isinstance(value, (str, bool, int, float, list)):
+        return value
+    return f"<a {type(value).__name__}>"
+
+
+def _did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else ""
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+class _Origins:
+    """Which dotted keys came from ``--set`` overrides, to name the right source in errors."""
+
+    def __init__(self, source: str, overridden: set[str] | None = None):
+        self.source = source
+        self.overridden = overridden or set()
+
+    def of(self, dotted: str) -> str:
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in self.overridden:
+                return OVERRIDE_SOURCE
+        return self.source
+
+
+def _check(rule: _Rule, value: Any, key: str, src: str) -> Any:
+    """Return ``value`` converted to the rule's type, or raise ConfigError."""
+    if rule.kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(src, key, "a boolean", _found(value))
+        return value
+    if rule.kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(src, key, "a string", _found(value))
+        return value
+    if rule.kind == "choice":
+        expected = "one of " + ", ".join(repr(c) for c in rule.choices)
+        if value not in rule.choices or not isinstance(value, str):
+            hint = _did_you_mean(value, rule.choices) if isinstance(value, str) else ""
+            raise ConfigError(src, key, expected, _found(value), hint=hint)
+        return value
+    if rule.kind == "int_list":
+        expected = f"a list of increasing integers{rule.range_text()}"
+        if not isinstance(value, list):
+            raise ConfigError(src, key, expected, _found(value))
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int) or not _in_range(rule, item, upper=False):
+                raise ConfigError(src, key, expected, _found(value))
+        if any(b <= a for a, b in zip(value, value[1:])):
+            raise ConfigError(src, key, expected, _found(value))
+        return list(value)
+    if rule.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(src, key, "an integer", _found(value))
+        if not _in_range(rule, value, upper=not rule.split_hi):
+            raise ConfigError(src, key, f"an integer{rule.range_text()}", value)
+        return value
+    if rule.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(src, key, "a number", _found(value))
+        value = float(value)
+        if not math.isfinite(value) or not _in_range(rule, value, upper=not rule.split_hi):
+            raise ConfigError(src, key, f"a number{rule.range_text()}", value)
+        if rule.split_hi and not (value <= rule.hi if not rule.hi_open else value < rule.hi):
+            raise ConfigError(src, key, f"a number {'<' if rule.hi_open else '<='} {_num(rule.hi)}",
+                              value, hint=rule.split_hi)
+        return value
+    raise AssertionError(f"unknown rule kind {rule.kind!r}")
+
+
+def _in_range(rule: _Rule, x: float, *, upper: bool) -> bool:
+    if rule.lo is not None and not (x > rule.lo if rule.lo_open else x >= rule.lo):
+        return False
+    if upper and rule.hi is not None and not (x < rule.hi if rule.hi_open else x <= rule.hi):
+        return False
+    return True
+
+
+def _check_layers(value: Any, origins: _Origins) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ConfigError(origins.of(LAYERS_KEY), LAYERS_KEY, "a table of layer name or glob = ratio",
+                          _found(value))
+    layers: dict[str, float] = {}
+    for pattern, ratio in value.items():
+        key = f"{LAYERS_KEY}.{pattern}"
+        if not pattern:
+            raise ConfigError(origins.of(key), key, "a layer name or glob", "<an empty name>")
+        layers[pattern] = _check(_RATIO, ratio, key, origins.of(key))
+    return layers
+
+
+def _build(default: Any, d: Any, path: str, origins: _Origins) -> Any:
+    """Build a dataclass like ``default`` from table ``d`` (missing keys keep the default's values)."""
+    if not isinstance(d, dict):
+        raise ConfigError(origins.of(path), path, "a table", _found(d))
+    names = [f.name for f in dataclasses.fields(default) if f.name != "source"]
+    values = {name: copy.deepcopy(getattr(default, name)) for name in names}
+    for key, value in d.items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in names:
+            expected = f"a known key of [{path}]" if path else "a known table"
+            hint = _did_you_mean(key, names) or "known: " + ", ".join(names)
+            raise ConfigError(origins.of(dotted), dotted, expected, "<an unknown key>", hint=hint)
+        current = values[key]
+        if dataclasses.is_dataclass(current):
+            values[key] = _build(current, value, dotted, origins)
+        elif dotted == LAYERS_KEY:
+            values[key] = _check_layers(value, origins)
+        else:
+            values[key] = _check(_RULES[dotted], value, dotted, origins.of(dotted))
+    return type(default)(**values)
+
+
+def _cross_checks(cfg: Config, origins: _Origins) -> None:
+    m = cfg.model
+    if m.arch == "wrn" and (m.depth < 10 or (m.depth - 4) % 6 != 0):
+        raise ConfigError(origins.of("model.depth"), "model.depth",
+                          "an integer >= 10 with (depth - 4) % 6 == 0 for wrn", m.depth,
+                          hint="e.g. 16, 22, 28, 34, 40")
+
+
+def _from_dict(d: dict, source: str, overridden: set[str]) -> Config:
+    origins = _Origins(source, overridden)
+    cfg = _build(Config(), d, "", origins)
+    cfg.source = source
+    _cross_checks(cfg, origins)
+    return cfg
+
+
+def from_dict(d: dict, source: str) -> Config:
+    """Validate a profile's parsed tables and return the Config; ``source`` names it in errors."""
+    return _from_dict(d, source, set())
+
+
+# --------------------------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``), else the text as a plain string."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["v"] if list(parsed) == ["v"] else text
+
+
+def _apply_overrides(d: dict, overrides: Sequence[str], source: str) -> tuple[dict, set[str]]:
+    out = copy.deepcopy(d)
+    overridden: set[str] = set()
+    known = schema_keys()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(OVERRIDE_SOURCE, key or "<override>", "dotted.key=value", item)
+        if key.startswith(LAYERS_KEY + "."):
+            parts = ["prune", "layers", key[len(LAYERS_KEY) + 1:]]
+            if not parts[2]:
+                raise ConfigError(OVERRIDE_SOURCE, key, "a layer name or glob after 'prune.layers.'", item)
+        elif key in known:
+            parts = key.split(".")
+        else:
+            inside = [k for k in known if k.startswith(key + ".")]
+            hint = (f"{key!r} is a table; set one of its keys, e.g. {inside[0]!r}" if inside
+                    else _did_you_mean(key, known))
+            raise ConfigError(OVERRIDE_SOURCE, key, "a known key", "<an unknown key>", hint=hint)
+        table = out
+        for i, part in enumerate(parts[:-1]):
+            sub = table.setdefault(part, {})
+            if not isinstance(sub, dict):
+                dotted = ".".join(parts[: i + 1])
+                raise ConfigError(source, dotted, "a table", _found(sub))
+            table = sub
+        table[parts[-1]] = _parse_value(raw.strip())
+        overridden.add(key)
+    return out, overridden
+
+
+def apply_overrides(d: dict, overrides: Sequence[str], source: str) -> dict:
+    """Return a copy of ``d`` with each ``dotted.key=value`` override set (``d`` is left untouched).
+
+    Values are read as TOML values, falling back to plain strings (so ``data.name=mnist`` works).
+    ``prune.layers.<pattern>=<ratio>`` takes everything after ``prune.layers.`` as the pattern.
+    """
+    return _apply_overrides(d, overrides, source)[0]
+
+
+def load_profile(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML profile, apply ``--set`` overrides and validate; errors are one-line UserErrors."""
+    source = str(path)
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{source}: no such profile file") from None
+    except IsADirectoryError:
+        raise UserError(f"{source}: is a directory, expected a TOML profile file") from None
+    except OSError as e:
+        raise UserError(f"{source}: cannot read profile: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: not a UTF-8 text file (byte {e.start})") from None
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _toml_error(source, text, e) from None
+    d, overridden = _apply_overrides(d, overrides, source)
+    return _from_dict(d, source, overridden)
+
+
+# --------------------------------------------------------------------------------------------- TOML writer
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(k: str, *, quote: bool = False) -> str:
+    return k if not quote and _BARE_KEY.fullmatch(k) else _toml_str(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)  # shortest round-tripping form, e.g. 0.001, 1e-05, 1e+20: all valid TOML floats
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
+
+
+def dump_toml(d: dict) -> str:
+    """Write nested dicts as TOML: scalars and lists first, then each sub-table under its own header.
+
+    Keys of ``[prune.layers]`` are always quoted (they are layer names or globs).
+    """
+    lines: list[str] = []
+
+    def table(t: dict, path: list[str]) -> None:
+        dotted = ".".join(path)
+        quote = dotted == LAYERS_KEY
+        scalars = [(k, v) for k, v in t.items() if not isinstance(v, dict)]
+        subs = [(k, v) for k, v in t.items() if isinstance(v, dict)]
+        if path and (scalars or not subs):
+            if lines:
+                lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+        for k, v in scalars:
+            lines.append(f"{_toml_key(str(k), quote=quote)} = {_toml_value(v)}")
+        for k, v in subs:
+            table(v, [*path, str(k)])
+
+    table(d, [])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,175 @@
+"""Typed records the engine emits, and the bus that hands them to subscribers.
+
+Every event is a small dataclass that serialises to one JSON object with ``t`` (unix time) and ``type``.
+Metric events (step, eval, layers, residuals) also carry ``step``, ``epoch`` and ``phase`` and go to
+``metrics.jsonl``; the others go to ``events.jsonl``. Subscribers are plain callables run on the engine
+thread: they must be quick (the dashboard posts a message, the run-dir writer appends a line).
+"""
+from __future__ import annotations
+
+import threading
+import time
+import traceback as _tb
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar
+
+
+@dataclass
+class Event:
+    type: ClassVar[str] = "event"
+    metric: ClassVar[bool] = False
+    t: float = field(default_factory=time.time, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"t": d.pop("t"), "type": self.type, **d}
+
+
+@dataclass
+class StepMetrics(Event):
+    """Training progress, emitted at most every ``run.log_interval_s`` seconds (and at epoch ends)."""
+
+    type: ClassVar[str] = "step"
+    metric: ClassVar[bool] = True
+    step: int
+    epoch: int
+    phase: str
+    batch: int  # batches done in this epoch
+    batches: int  # batches per epoch
+    epochs: int  # epochs of this phase
+    loss: float  # mean adversarial cross-entropy over the interval
+    adv_acc: float  # training accuracy on the adversarial batches over the interval
+    penalty: float  # ADMM penalty sum_l rho_l/2 ||W_l - Z_l + U_l||^2 at the emission (0 outside ADMM)
+    lr: float
+    images_per_s: float
+
+
+@dataclass
+class EvalResult(Event):
+    type: ClassVar[str] = "eval"
+    metric: ClassVar[bool] = True
+    step: int
+    epoch: int
+    phase: str
+    nat_acc: float
+    adv_acc: float
+    n: int
+    attack: dict
+    reason: str = "periodic"  # periodic | now | phase_end | final
+
+
+@dataclass
+class LayerStats(Event):
+    """Per-layer sparsity and ADMM state: one dict per prunable layer."""
+
+    type: ClassVar[str] = "layers"
+    metric: ClassVar[bool] = True
+    step: int
+    epoch: int
+    phase: str
+    layers: list
+
+
+@dataclass
+class Residuals(Event):
+    """ADMM residuals per layer: primal ||W-Z||/||W||, dual rho*||Z_k - Z_(k-1)||, and rho."""
+
+    type: ClassVar[str] = "residuals"
+    metric: ClassVar[bool] = True
+    step: int
+    epoch: int
+    phase: str
+    update: int  # number of Z/U updates so far
+    layers: dict
+
+
+@dataclass
+class PhaseChange(Event):
+    type: ClassVar[str] = "phase"
+    phase: str
+    index: int
+    epochs: int
+    step: int
+    skipped: bool = False
+
+
+@dataclass
+class LogLine(Event):
+    type: ClassVar[str] = "log"
+    level: str
+    message: str
+
+
+@dataclass
+class CommandApplied(Event):
+    """A command applied at a step boundary; serialises with the command's name as its type."""
+
+    command: str
+    args: dict
+    step: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "type": self.command, "step": self.step, **self.args}
+
+
+@dataclass
+class CheckpointSaved(Event):
+    type: ClassVar[str] = "checkpoint"
+    path: str
+    step: int
+    epoch: int
+    phase: str
+    reason: str
+
+
+@dataclass
+class Finished(Event):
+    type: ClassVar[str] = "finished"
+    status: str  # completed | stopped
+    summary: dict
+
+
+@dataclass
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    message: str
+    traceback: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> "ErrorEvent":
+        return cls(message=f"{type(exc).__name__}: {exc}", traceback="".join(_tb.format_exception(exc)))
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Fan-out of events to subscribers; a failing subscriber is reported once and dropped, never kills the run."""
+
+    def __init__(self) -> None:
+        self._subs: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        with self._lock:
+            self._subs.append(fn)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if fn in self._subs:
+                    self._subs.remove(fn)
+
+        return unsubscribe
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            subs = list(self._subs)
+        for fn in subs:
+            try:
+                fn(event)
+            except Exception as exc:  # a broken subscriber must not stop training
+                with self._lock:
+                    if fn in self._subs:
+                        self._subs.remove(fn)
+                if not isinstance(event, LogLine):
+                    self.emit(LogLine(level="warning", message=f"subscriber {fn!r} failed and was removed: {exc}"))

@@ -1,0 +1,496 @@
+"""The three-phase pipeline: adversarial pretraining -> ADMM -> hard prune + masked retraining.
+
+:class:`Engine` runs on one thread (the session's background thread, or the main thread headless). It
+reads commands from a :class:`~engine.control.Control` at every step boundary and emits events on an
+:class:`~engine.events.EventBus`. Host syncs happen only at the emission interval (``run.log_interval_s``),
+at epoch ends and when a command asks for one: per-step loss and accuracy accumulate on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from .admm import ADMM
+from .attacks import attack, evaluate
+from .config import Config, PhaseConfig
+from .control import Command, Control
+from .errors import ConfigError, UserError
+from .events import (CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished, LayerStats,
+                     LogLine, PhaseChange, Residuals, StepMetrics)
+from .models import build_model, prunable_parameters
+from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_targets
+from .rundir import RunDir, atomic_torch_save, safe_torch_load
+from .summary import build_summary, write_summary
+
+PHASES = ("pretrain", "admm", "retrain")
+CHECKPOINT_FORMAT = 1
+
+
+class StopRequested(Exception):
+    pass
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.run.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(cfg.source, "run.device", "'cpu' or 'auto' (no CUDA device is available here)", "cuda")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+def phase_lr(pc: PhaseConfig, epoch: int, update_every: int) -> float:
+    """Learning rate of a phase's epoch under its schedule (set at the start of every epoch)."""
+    if pc.schedule == "constant":
+        return pc.lr
+    if pc.schedule == "cosine":
+        return pc.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(pc.epochs, 1)))
+    if pc.schedule == "step":
+        return pc.lr * pc.gamma ** sum(1 for m in pc.milestones if epoch >= m)
+    if pc.schedule == "admm":
+        # reset to the base lr at each Z/U window, then times gamma every update_every/3 epochs
+        sub = max(update_every / 3, 1.0)
+        return pc.lr * pc.gamma ** math.floor((epoch % update_every) / sub)
+    raise ValueError(f"unknown schedule {pc.schedule!r}")
+
+
+def make_optimizer(pc: PhaseConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    kw = {"lr": pc.lr, "weight_decay": pc.weight_decay}
+    if device.type == "cuda":
+        kw["foreach"] = True
+    if pc.optimizer == "sgd":
+        return torch.optim.SGD(params, momentum=pc.momentum, nesterov=pc.nesterov and pc.momentum > 0, **kw)
+    if pc.optimizer == "adam":
+        return torch.optim.Adam(params, **kw)
+    raise ValueError(f"unknown optimizer {pc.optimizer!r}")
+
+
+class Engine:
+    """One run of the pipeline. Build it, then call :meth:`run` (blocking)."""
+
+    def __init__(self, cfg: Config, rundir: RunDir, bus: EventBus, control: Control,
+                 *, resume_state: dict | None = None) -> None:
+        self.cfg = cfg
+        self.rundir = rundir
+        self.bus = bus
+        self.control = control
+        self.resume_state = resume_state
+        self.state = "created"  # running | paused | finished | stopped | error
+        self.phase = "setup"
+        self.phase_index = 0
+        self.epoch = 0
+        self.batch = 0
+        self.step = 0
+        self.paused = False
+        self.admm: ADMM | None = None
+        self.masked: MaskedParams | None = None
+        self.masks: dict[str, torch.Tensor] | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.rho_history: list[dict] = []
+        self.phase_times: dict[str, float] = {}
+        self.pending_rho: dict | None = None
+        self.last_eval: dict | None = None
+        self.summary: dict | None = None
+        self._acc = None
+        self._last_emit = time.monotonic()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        if getattr(self, "_setup_done", False):
+            return
+        cfg = self.cfg
+        self.device = resolve_device(cfg)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        random.seed(cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)
+        self.data = data_mod.load_dataset(
+            cfg.data.name, cfg.data.root, cfg.data.download, self.device, train_subset=cfg.data.train_subset,
+            synthetic_train=cfg.data.synthetic_train, synthetic_test=cfg.data.synthetic_test, seed=cfg.run.seed)
+        spec = self.data.spec
+        self.model = build_model(cfg.model.arch, cfg.model.width, num_classes=spec.num_classes,
+                                 in_channels=spec.in_channels, image_size=spec.image_size,
+                                 depth=cfg.model.depth, source=cfg.source).to(self.device)
+        if cfg.run.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.run.init and self.resume_state is None:
+            self._load_init(cfg.run.init)
+        self.params = prunable_parameters(self.model)
+        self.ratios = resolve_targets(list(self.params), cfg.prune.ratio, cfg.prune.layers, source=cfg.source)
+        self.schemes = {k: layer_scheme(p, cfg.prune.scheme, cfg.prune.linear_scheme) for k, p in self.params.items()}
+        self.loader = data_mod.BatchLoader(self.data.train_x, self.data.train_y, cfg.data.batch_size, shuffle=True,
+                                           seed=cfg.run.seed, augment=cfg.data.augment and cfg.data.name == "cifar10")
+        self.eval_x, self.eval_y = data_mod.eval_subset(self.data.test_x, self.data.test_y, cfg.eval.subset)
+        self.train_fn = self.model
+        if cfg.run.compile:
+            self.train_fn = torch.compile(self.model)
+        self._setup_done = True
+
+    def _load_init(self, path: str) -> None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / "model.pt" if (p / "model.pt").exists() else p / "checkpoint.pt"
+        sd = safe_torch_load(p)
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]
+        try:
+            self.model.load_state_dict(sd)
+        except RuntimeError as exc:
+            raise UserError(f"{p}: weights do not fit model {self.cfg.model.arch} (width {self.cfg.model.width}): "
+                            f"{str(exc).splitlines()[0]}") from None
+        self.log("info", f"initialised weights from {p}")
+
+    # ------------------------------------------------------------------ events
+    def log(self, level: str, message: str) -> None:
+        self.bus.emit(LogLine(level=level, message=message))
+
+    def _where(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "phase": self.phase}
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict | None:
+        """Run to the end (or a stop command). Errors are emitted as an error event, then re-raised."""
+        try:
+            self.state = "running"
+            self.setup()
+            start_phase, mid_phase = 0, False
+            if self.resume_state is not None:
+                start_phase = self._restore(self.resume_state)
+                mid_phase = start_phase == self.phase_index
+            for i in range(start_phase, len(PHASES)):
+                self._run_phase(i, resumed=mid_phase and i == start_phase)
+            self._finish("completed")
+            return self.summary
+        except StopRequested:
+            self._save_checkpoint("stop")
+            self.state = "stopped"
+            self.log("info", "stopped on request; the run can be resumed from its checkpoint")
+            self.bus.emit(Finished(status="stopped", summary={}))
+            return None
+        except BaseException as exc:
+            self.state = "error"
+            self.bus.emit(ErrorEvent.from_exception(exc))
+            raise
+        finally:
+            if self.masked is not None:
+                self.masked.detach()
+
+    def _run_phase(self, index: int, *, resumed: bool) -> None:
+        name = PHASES[index]
+        pc: PhaseConfig = getattr(self.cfg.phases, name)
+        self.phase_index, self.phase = index, name
+        if not resumed:
+            self.epoch, self.batch = 0, 0
+        if pc.epochs == 0:
+            self.bus.emit(PhaseChange(phase=name, index=index, epochs=0, step=self.step, skipped=True))
+            self.log("info", f"phase {name} skipped (0 epochs)")
+            if name == "retrain" and any(r > 0 for r in self.ratios.values()):
+                self._hard_prune()  # the exported model still meets its sparsity targets
+            return
+        self.bus.emit(PhaseChange(phase=name, index=index, epochs=pc.epochs, step=self.step))
+        if not resumed:
+            self._begin_phase(name, pc)
+        t0 = time.monotonic()
+        try:
+            while self.epoch < pc.epochs:
+                self._run_epoch(name, pc)
+                self.epoch += 1
+                self.batch = 0
+                last = self.epoch == pc.epochs
+                if self.cfg.eval.every and (self.epoch % self.cfg.eval.every == 0) and not last:
+                    self._evaluate("periodic")
+                self._emit_layers()
+                if self.cfg.run.checkpoint_every and self.epoch % self.cfg.run.checkpoint_every == 0 and not last:
+                    self._save_checkpoint("epoch")
+        finally:
+            self.phase_times[name] = self.phase_times.get(name, 0.0) + time.monotonic() - t0
+        self._evaluate("phase_end")
+        self.epoch = pc.epochs
+        if name == "admm":
+            self.bus.emit(Residuals(update=self.admm.updates, layers=self.admm.residuals(), **self._where()))
+        self._save_checkpoint("phase_end")
+
+    def _begin_phase(self, name: str, pc: PhaseConfig) -> None:
+        if name == "admm":
+            rho = self.cfg.admm.rho
+            self.admm = ADMM(self.params, self.ratios, self.schemes, rho, self.cfg.admm.rho_multiplier)
+            if self.pending_rho is not None:
+                self.admm.set_rho(**self.pending_rho)
+                self.pending_rho = None
+            self._record_rho("init")
+            self.bus.emit(Residuals(update=0, layers=self.admm.residuals(), **self._where()))
+            self.log("info", f"ADMM: Z = Proj(W), U = 0 for {len(self.admm.layers)} layers, rho {rho:g}")
+        if name == "retrain":
+            self._hard_prune()
+            self.masked = MaskedParams(self.params, self.masks)
+            self.masked.attach()
+        self.optimizer = make_optimizer(pc, self.model.parameters(), self.device)
+
+    @torch.no_grad()
+    def _hard_prune(self) -> None:
+        self.masks = {}
+        for k, p in self.params.items():
+            if self.ratios[k] > 0:
+                projected, mask = project(p.detach(), self.schemes[k], self.ratios[k])
+                p.copy_(projected)
+                self.masks[k] = mask
+        self.admm = None
+        self.log("info", f"hard prune: {len(self.masks)} layers projected onto their sparsity sets; masks fixed")
+
+    def _run_epoch(self, name: str, pc: PhaseConfig) -> None:
+        cfg = self.cfg
+        if name == "admm" and self.epoch > 0 and self.epoch % cfg.admm.update_every == 0 and self.batch == 0:
+            res = self.admm.update()
+            self._record_rho("update")
+            self.bus.emit(Residuals(update=self.admm.updates, layers=res, **self._where()))
+            mean_primal = sum(r["primal"] for r in res.values()) / max(len(res), 1)
+            self.log("info", f"ADMM Z/U update {self.admm.updates}: mean primal residual {mean_primal:.4g}, "
+                             f"rho x{cfg.admm.rho_multiplier:g}")
+        lr = phase_lr(pc, self.epoch, cfg.admm.update_every)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.lr = lr
+        ta = cfg.attack.train
+        dev = self.device
+        self._acc = [torch.zeros((), device=dev), torch.zeros((), dtype=torch.long, device=dev), 0]
+        self._interval_t0 = time.monotonic()
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.run.bf16 and dev.type == "cuda"
+                    else contextlib.nullcontext())
+        model = self.model
+        nb = len(self.loader)
+        for x, y in self.loader.batches(self._loader_epoch(), start_batch=self.batch):
+            self._boundary()
+            scale = min(1.0, (self.epoch * nb + self.batch + 1) / (pc.eps_warmup * nb)) if pc.eps_warmup else 1.0
+            if cfg.run.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                x_adv = attack(model, x, y, kind=ta.kind, eps=ta.eps * scale, step_size=ta.step_size * scale, steps=ta.steps,
+                               restarts=ta.restarts)
+                model.train()
+                out = self.train_fn(x_adv)
+                loss = F.cross_entropy(out.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.admm is not None:
+                self.admm.add_penalty_grad()
+            self.optimizer.step()
+            if self.masked is not None:
+                self.masked.after_step()
+            acc = self._acc
+            acc[0] += loss.detach() * len(y)
+            acc[1] += (out.detach().argmax(1) == y).sum()
+            acc[2] += len(y)
+            self.step += 1
+            self.batch += 1
+            if time.monotonic() - self._last_emit >= cfg.run.log_interval_s:
+                self._emit_step()
+        self._emit_step()
+
+    def _loader_epoch(self) -> int:
+        """A distinct shuffling epoch for every (phase, epoch), so resume reproduces the order exactly."""
+        return self.phase_index * 100_000 + self.epoch
+
+    def _emit_step(self) -> None:
+        acc = self._acc
+        if acc is None or acc[2] == 0:
+            return
+        now = time.monotonic()
+        n = acc[2]
+        loss_sum, correct = torch.stack([acc[0].float(), acc[1].float()]).tolist()
+        penalty = float(self.admm.penalty().item()) if self.admm is not None else 0.0
+        pc = getattr(self.cfg.phases, self.phase)
+        self.bus.emit(StepMetrics(
+            step=self.step, epoch=self.epoch, phase=self.phase, batch=self.batch, batches=len(self.loader),
+            epochs=pc.epochs, loss=loss_sum / n, adv_acc=correct / n, penalty=penalty, lr=self.lr,
+            images_per_s=n / max(now - self._interval_t0, 1e-9)))
+        self._acc = [torch.zeros_like(acc[0]), torch.zeros_like(acc[1]), 0]
+        self._interval_t0 = now
+        self._last_emit = now
+
+    # ------------------------------------------------------------------ commands
+    def _boundary(self) -> None:
+        for cmd in self.control.drain():
+            self._apply(cmd)
+        while self.paused:
+            cmd = self.control.wait(0.05)
+            if cmd is not None:
+                self._apply(cmd)
+        if self._acc is not None and self._acc[2] == 0:
+            self._interval_t0 = time.monotonic()
+
+    def _apply(self, cmd: Command) -> None:
+        args: dict = {}
+        if cmd.name == "pause":
+            if self.paused:
+                return
+            self._emit_step()
+            self.paused, self.state = True, "paused"
+            self.bus.emit(CommandApplied(command="pause", args={}, step=self.step))
+            self._save_checkpoint("pause")
+            return
+        if cmd.name == "resume":
+            if not self.paused:
+                return
+            self.paused, self.state = False, "running"
+            self._interval_t0 = time.monotonic()
+        elif cmd.name == "set_rho":
+            value, layer, multiply = cmd.args["value"], cmd.args.get("layer"), bool(cmd.args.get("multiply"))
+            if self.admm is not None:
+                try:
+                    args["rho"] = self.admm.set_rho(value, layer, multiply)
+                except KeyError as exc:
+                    self.log("warning", f"set_rho ignored: {exc.args[0]}")
+                    return
+                self._record_rho("set_rho")
+            elif self.phase in ("setup", "pretrain"):
+                if layer is not None and layer not in self.params:
+                    self.log("warning", f"set_rho ignored: no layer named {layer!r}")
+                    return
+                self.pending_rho = {"value": value, "layer": layer, "multiply": multiply}
+                args["pending"] = True
+                self.log("info", "rho change stored; it applies when the ADMM phase starts")
+            else:
+                self.log("warning", f"set_rho ignored: no ADMM state in phase {self.phase}")
+                return
+            args.update(value=value, layer=layer, multiply=multiply)
+        elif cmd.name == "eval_now":
+            self.bus.emit(CommandApplied(command="eval_now", args={}, step=self.step))
+            self._evaluate("now")
+            return
+        elif cmd.name == "checkpoint":
+            self.bus.emit(CommandApplied(command="checkpoint_now", args={}, step=self.step))
+            self._save_checkpoint("command")
+            return
+        elif cmd.name == "stop":
+            self.bus.emit(CommandApplied(command="stop", args={}, step=self.step))
+            raise StopRequested()
+        self.bus.emit(CommandApplied(command=cmd.name, args=args, step=self.step))
+
+    def _record_rho(self, reason: str) -> None:
+        if self.admm is None:
+            return
+        entry = {"step": self.step, "epoch": self.epoch, "phase": self.phase, "reason": reason,
+                 "update": self.admm.updates, "rho": dict(self.admm.rho)}
+        self.rho_history.append(entry)
+
+    # ------------------------------------------------------------------ evaluation and stats
+    def _evaluate(self, reason: str, *, final: bool = False) -> dict:
+        cfg = self.cfg
+        ea = cfg.attack.eval
+        if final:
+            x, y = data_mod.eval_subset(self.data.test_x, self.data.test_y, cfg.eval.final_subset)
+        else:
+            x, y = self.eval_x, self.eval_y
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluation never perturbs the training RNG stream
+            torch.manual_seed(cfg.run.seed + 1)
+            nat, adv = evaluate(self.model, x, y, kind=ea.kind, eps=ea.eps, step_size=ea.step_size,
+                                steps=ea.steps, restarts=ea.restarts, batch_size=cfg.data.test_batch_size,
+                                to_float=data_mod.to_float)
+        attack_info = {"kind": ea.kind, "eps": ea.eps, "step_size": ea.step_size, "steps": ea.steps,
+                       "restarts": ea.restarts}
+        ev = EvalResult(nat_acc=nat, adv_acc=adv, n=len(x), attack=attack_info, reason=reason, **self._where())
+        self.bus.emit(ev)
+        self.last_eval = ev.to_dict()
+        return self.last_eval
+
+    def layer_records(self) -> list[dict]:
+        recs = []
+        res = self.admm.residuals() if self.admm is not None else {}
+        for k, p in self.params.items():
+            st = layer_stats(p.detach(), self.masks.get(k) if self.masks else None, self.ratios[k], self.schemes[k])
+            recs.append({"name": k, "shape": list(p.shape), "target": self.ratios[k], "scheme": self.schemes[k],
+                         "primal": res.get(k, {}).get("primal"), "rho": res.get(k, {}).get("rho"), **st})
+        return recs
+
+    def _emit_layers(self) -> None:
+        self.bus.emit(LayerStats(layers=self.layer_records(), **self._where()))
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict:
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "profile": self.rundir.profile.read_text(encoding="utf-8") if self.rundir.profile.exists() else "",
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "phase_index": self.phase_index, "phase": self.phase, "epoch": self.epoch, "batch": self.batch,
+            "step": self.step,
+            "admm": self.admm.state_dict() if self.admm is not None else None,
+            "masks": self.masks,
+            "pending_rho": self.pending_rho,
+            "layers": {k: {"target": self.ratios[k], "scheme": self.schemes[k]} for k in self.params},
+            "rho_history": self.rho_history, "phase_times": dict(self.phase_times),
+            "rng": rng, "metrics_lines": self.rundir.metrics_lines(), "last_eval": self.last_eval,
+        }
+
+    def _save_checkpoint(self, reason: str) -> None:
+        if not hasattr(self, "model"):
+            return
+        self._emit_step()  # flush the interval's metrics so the checkpoint's metrics position includes them
+        atomic_torch_save(self.rundir.checkpoint, self.checkpoint_state())
+        self.bus.emit(CheckpointSaved(path=str(self.rundir.checkpoint), reason=reason, **self._where()))
+
+    def _restore(self, st: dict) -> int:
+        self.model.load_state_dict(st["model"])
+        self.phase_index, self.epoch, self.batch, self.step = st["phase_index"], st["epoch"], st["batch"], st["step"]
+        self.phase = PHASES[self.phase_index] if st["phase"] in PHASES else st["phase"]
+        self.rho_history = list(st["rho_history"])
+        self.phase_times = dict(st["phase_times"])
+        self.pending_rho = st.get("pending_rho")
+        self.last_eval = st.get("last_eval")
+        if st["phase"] == "done":
+            return len(PHASES)
+        name = PHASES[self.phase_index]
+        pc = getattr(self.cfg.phases, name)
+        if st["masks"] is not None:
+            self.masks = {k: v.to(self.device) for k, v in st["masks"].items()}
+        if name == "admm" and st["admm"] is not None:
+            self.admm = ADMM(self.params, self.ratios, self.schemes, self.cfg.admm.rho, self.cfg.admm.rho_multiplier)
+            self.admm.load_state_dict(st["admm"])
+        if name == "retrain" and self.masks is not None:
+            self.masked = MaskedParams(self.params, self.masks)
+            self.masked.attach()
+        self.optimizer = make_optimizer(pc, self.model.parameters(), self.device)
+        if st["optimizer"] is not None:
+            self.optimizer.load_state_dict(st["optimizer"])
+        random.setstate(st["rng"]["python"])
+        torch.set_rng_state(st["rng"]["torch"])
+        if "cuda" in st["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        self.log("info", f"resumed at phase {name}, epoch {self.epoch}, batch {self.batch}, step {self.step}")
+        if self.epoch >= pc.epochs:  # the checkpoint was taken at this phase's end
+            return self.phase_index + 1
+        return self.phase_index
+
+    # ------------------------------------------------------------------ the end
+    def _finish(self, status: str) -> None:
+        self.phase = "final"
+        final = self._evaluate("final", final=True)
+        self._emit_layers()
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        atomic_torch_save(self.rundir.model, weights)
+        self.phase = "done"
+        self._save_checkpoint("final")
+        self.summary = build_summary(
+            cfg=self.cfg, weights=weights, layers={k: {"target": self.ratios[k], "scheme": self.schemes[k]}
+                                                   for k in self.params},
+            final_eval=final, phase_times=self.phase_times, rho_history=self.rho_history, status=status,
+            step=self.step, device=str(self.device), run_dir=str(self.rundir.path))
+        write_summary(self.rundir, self.summary)
+        self.state = "finished"
+        self.bus.emit(Finished(status=status, summary=self.summary))

@@ -1,0 +1,153 @@
+"""The run summary: final natural/PGD accuracy, sparsity per layer and overall, compression, times, rho.
+
+One code path serves the end of a run and ``robprune export RUN_DIR``: both call :func:`build_summary`
+with the model's weights and the run's records, then :func:`write_summary`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from .rundir import RunDir, atomic_write_text, read_jsonl
+
+
+def build_summary(*, cfg, weights: dict[str, torch.Tensor], layers: dict[str, dict], final_eval: dict | None,
+                  phase_times: dict[str, float], rho_history: list[dict], status: str, step: int,
+                  device: str, run_dir: str) -> dict:
+    per_layer = []
+    pr_total = pr_nonzero = 0
+    for name, info in layers.items():
+        w = weights[name]
+        n = w.numel()
+        nz = int(torch.count_nonzero(w))
+        pr_total += n
+        pr_nonzero += nz
+        per_layer.append({"name": name, "shape": list(w.shape), "params": n, "nonzero": nz, "zeros": n - nz,
+                          "sparsity": (n - nz) / n if n else 0.0, "target": info["target"],
+                          "scheme": info["scheme"]})
+    total = sum(v.numel() for k, v in weights.items() if v.is_floating_point() and not _is_buffer_name(k))
+    nonzero = sum(int(torch.count_nonzero(v)) for k, v in weights.items()
+                  if v.is_floating_point() and not _is_buffer_name(k))
+    ev = final_eval or {}
+    return {
+        "run": cfg.name, "profile": cfg.source, "status": status, "device": device, "steps": step,
+        "run_dir": run_dir,
+        "model": {"arch": cfg.model.arch, "width": cfg.model.width,
+                  **({"depth": cfg.model.depth} if cfg.model.arch == "wrn" else {})},
+        "data": cfg.data.name,
+        "final": {"nat_acc": ev.get("nat_acc"), "adv_acc": ev.get("adv_acc"), "n": ev.get("n"),
+                  "attack": ev.get("attack")},
+        "prune": {"scheme": cfg.prune.scheme, "linear_scheme": cfg.prune.linear_scheme},
+        "layers": per_layer,
+        "sparsity": {"prunable_params": pr_total, "prunable_nonzero": pr_nonzero,
+                     "prunable": (pr_total - pr_nonzero) / pr_total if pr_total else 0.0,
+                     "total_params": total, "nonzero_params": nonzero,
+                     "overall": (total - nonzero) / total if total else 0.0},
+        "compression_rate": {"prunable": pr_total / max(pr_nonzero, 1), "overall": total / max(nonzero, 1)},
+        "phase_seconds": {k: round(v, 3) for k, v in phase_times.items()},
+        "rho_history": rho_history,
+    }
+
+
+def _is_buffer_name(name: str) -> bool:
+    return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def summary_markdown(s: dict) -> str:
+    f = s["final"]
+    a = f.get("attack") or {}
+    sp = s["sparsity"]
+    lines = [
+        f"# robprune run summary: {s['run']}", "",
+        f"- status: {s['status']} after {s['steps']} steps on {s['device']}",
+        f"- model: {s['model']['arch']} width {s['model']['width']}"
+        + (f" depth {s['model']['depth']}" if "depth" in s["model"] else "") + f", data {s['data']}",
+        f"- pruning: {s['prune']['scheme']} (linear layers: {s['prune']['linear_scheme']})", "",
+        "## Accuracy", "",
+        "| natural | PGD | attack | test examples |", "|---|---|---|---|",
+        f"| {_pct(f.get('nat_acc'))} | {_pct(f.get('adv_acc'))} | {a.get('kind', 'n/a')} eps {a.get('eps', 'n/a')}, "
+        f"step {a.get('step_size', 'n/a')}, {a.get('steps', 'n/a')} steps, {a.get('restarts', 'n/a')} restart(s) "
+        f"| {f.get('n')} |", "",
+        "## Sparsity", "",
+        "| layer | shape | params | nonzero | sparsity | target | scheme |", "|---|---|---|---|---|---|---|",
+    ]
+    for L in s["layers"]:
+        lines.append(f"| {L['name']} | {'x'.join(map(str, L['shape']))} | {L['params']} | {L['nonzero']} | "
+                     f"{_pct(L['sparsity'])} | {_pct(L['target'])} | {L['scheme']} |")
+    cr = s["compression_rate"]
+    lines += [
+        "", f"- prunable weights: {sp['prunable_params']} total, {sp['prunable_nonzero']} nonzero, "
+            f"sparsity {_pct(sp['prunable'])}, compression {cr['prunable']:.2f}x",
+        f"- all parameters: {sp['total_params']} total, {sp['nonzero_params']} nonzero, "
+        f"sparsity {_pct(sp['overall'])}, compression {cr['overall']:.2f}x", "",
+        "## Time per phase", "", "| phase | seconds |", "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.1f} |" for k, v in s["phase_seconds"].items()]
+    lines += ["", "## rho history", "", "| step | epoch | reason | rho (min .. max over layers) |", "|---|---|---|---|"]
+    for h in s["rho_history"]:
+        vals = list(h["rho"].values()) or [0.0]
+        lines.append(f"| {h['step']} | {h['epoch']} | {h['reason']} | {min(vals):.4g} .. {max(vals):.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+METRIC_COLUMNS = ["t", "type", "step", "epoch", "phase", "batch", "loss", "adv_acc", "nat_acc", "penalty", "lr",
+                  "images_per_s", "n", "reason"]
+
+
+def metrics_csv(records: list[dict]) -> str:
+    """Step and evaluation records as CSV (one row per record; layer/residual records are in the JSONL)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in records:
+        if r.get("type") in ("step", "eval"):
+            w.writerow(r)
+    return buf.getvalue()
+
+
+def write_summary(rundir: RunDir, summary: dict) -> list[Path]:
+    out = [rundir.path / "summary.json", rundir.path / "summary.md", rundir.path / "metrics.csv"]
+    atomic_write_text(out[0], json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out[1], summary_markdown(summary))
+    atomic_write_text(out[2], metrics_csv(read_jsonl(rundir.metrics)))
+    return out
+
+
+def export_run(run_dir: str | Path) -> list[Path]:
+    """Rebuild the summary from a run directory's files (final weights, or the last checkpoint's)."""
+    from .config import load_profile
+    from .errors import UserError
+    from .rundir import safe_torch_load
+
+    rd = RunDir(run_dir)
+    if not rd.profile.is_file():
+        raise UserError(f"{rd.profile}: missing; {rd.path} is not a robprune run directory")
+    cfg = load_profile(rd.profile)
+    if not rd.checkpoint.exists():
+        raise UserError(f"{rd.checkpoint}: missing; nothing to export yet")
+    st = safe_torch_load(rd.checkpoint)
+    weights = safe_torch_load(rd.model) if rd.model.exists() else st["model"]
+    records = read_jsonl(rd.metrics)
+    evals = [r for r in records if r.get("type") == "eval"]
+    final = next((r for r in reversed(evals) if r.get("reason") == "final"), evals[-1] if evals else None)
+    status = "completed" if rd.model.exists() else "in progress"
+    summary = build_summary(cfg=cfg, weights=weights, layers=st["layers"], final_eval=final,
+                            phase_times=st["phase_times"], rho_history=st["rho_history"], status=status,
+                            step=st["step"], device="n/a (export)", run_dir=str(rd.path))
+    prev = rd.path / "summary.json"
+    if prev.exists():  # keep what only the run knew (its device)
+        try:
+            summary["device"] = json.loads(prev.read_text()).get("device", summary["device"])
+        except (OSError, json.JSONDecodeError):
+            pass
+    paths = write_summary(rd, summary)
+    rd.append_event({"type": "export", "paths": [str(p) for p in paths]})
+    return paths

@@ -1,0 +1,93 @@
+"""The headless view of a run: a rich progress bar (phase, epoch, step, images/s, ETA), log lines and a final table."""
+from __future__ import annotations
+
+import threading
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from engine import events as ev
+
+
+class HeadlessPrinter:
+    """An event subscriber that draws progress with rich; safe to call from the engine thread."""
+
+    def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[phase]:<8}"),
+            BarColumn(bar_width=None),
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn("step {task.fields[step]}"),
+            TextColumn("{task.fields[ips]:>7.0f} img/s"),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=self.console, transient=False, disable=quiet,
+        )
+        self._task = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "HeadlessPrinter":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, e: ev.Event) -> None:
+        with self._lock:
+            self._handle(e)
+
+    def _print(self, msg: str) -> None:
+        if not self.quiet:
+            self.progress.console.print(msg, highlight=False)
+
+    def _handle(self, e: ev.Event) -> None:
+        if isinstance(e, ev.PhaseChange):
+            if self._task is not None:
+                self.progress.stop_task(self._task)
+            if e.skipped:
+                self._task = None
+                return
+            self._task = self.progress.add_task(e.phase, total=None, phase=e.phase, epoch=0, epochs=e.epochs,
+                                                step=e.step, ips=0.0, loss=float("nan"))
+        elif isinstance(e, ev.StepMetrics) and self._task is not None:
+            total = e.epochs * e.batches
+            self.progress.update(self._task, total=total, completed=e.epoch * e.batches + e.batch,
+                                 epoch=min(e.epoch + 1, e.epochs), epochs=e.epochs, step=e.step,
+                                 ips=e.images_per_s, loss=e.loss)
+        elif isinstance(e, ev.EvalResult):
+            a = e.attack
+            self._print(f"[cyan]eval[/] {e.phase} epoch {e.epoch} ({e.reason}): natural {100 * e.nat_acc:.2f}%  "
+                        f"{a['kind'].upper()}-{a['steps']} eps {a['eps']:g}: {100 * e.adv_acc:.2f}%  (n={e.n})")
+        elif isinstance(e, ev.LogLine):
+            color = {"warning": "yellow", "error": "red"}.get(e.level, "dim")
+            self._print(f"[{color}]{e.level}[/] {e.message}")
+        elif isinstance(e, ev.CommandApplied):
+            self._print(f"[magenta]{e.command}[/] {e.args if e.args else ''}")
+        elif isinstance(e, ev.ErrorEvent):
+            self._print(f"[red]error[/] {e.message}")
+
+
+def summary_table(s: dict) -> Table:
+    f = s["final"]
+    a = f.get("attack") or {}
+    t = Table(title=f"{s['run']}: {s['status']}", show_lines=False)
+    for col in ("layer", "shape", "params", "nonzero", "sparsity", "target"):
+        t.add_column(col, justify="right" if col != "layer" else "left")
+    for L in s["layers"]:
+        t.add_row(L["name"], "x".join(map(str, L["shape"])), str(L["params"]), str(L["nonzero"]),
+                  f"{100 * L['sparsity']:.2f}%", f"{100 * L['target']:.2f}%")
+    sp, cr = s["sparsity"], s["compression_rate"]
+    t.add_section()
+    t.add_row("prunable", "", str(sp["prunable_params"]), str(sp["prunable_nonzero"]), f"{100 * sp['prunable']:.2f}%",
+              f"{cr['prunable']:.1f}x")
+    t.add_row("all params", "", str(sp["total_params"]), str(sp["nonzero_params"]), f"{100 * sp['overall']:.2f}%",
+              f"{cr['overall']:.1f}x")
+    nat = "n/a" if f.get("nat_acc") is None else f"{100 * f['nat_acc']:.2f}%"
+    adv = "n/a" if f.get("adv_acc") is None else f"{100 * f['adv_acc']:.2f}%"
+    t.caption = (f"natural {nat}   {str(a.get('kind', '')).upper()}-{a.get('steps')} eps {a.get('eps')} "
+                 f"step {a.get('step_size')} restarts {a.get('restarts')}: {adv}   (n={f.get('n')})")
+    return t
