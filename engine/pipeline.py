@@ -72,6 +72,31 @@ def make_optimizer(pc: PhaseConfig, params, device: torch.device) -> torch.optim
     raise ValueError(f"unknown optimizer {pc.optimizer!r}")
 
 
+def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float, step_size: float, steps: int,
+                     restarts: int = 1, admm: ADMM | None = None, masked: MaskedParams | None = None,
+                     autocast=None, channels_last: bool = False):
+    """One training step of every phase: craft adversarial examples (model in eval mode), train on them
+    only (model in train mode), add the ADMM penalty's gradient, step, re-apply the masks.
+
+    Returns the (device) loss and logits; nothing here syncs with the host. ``train_fn`` is the model or
+    its compiled version. The benchmark times this very function."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        x_adv = attack(model, x, y, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts)
+        model.train()
+        out = train_fn(x_adv)
+        loss = F.cross_entropy(out.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if admm is not None:
+        admm.add_penalty_grad()
+    optimizer.step()
+    if masked is not None:
+        masked.after_step()
+    return loss, out
+
+
 class Engine:
     """One run of the pipeline. Build it, then call :meth:`run` (blocking)."""
 
@@ -273,21 +298,10 @@ class Engine:
         for x, y in self.loader.batches(self._loader_epoch(), start_batch=self.batch):
             self._boundary()
             scale = min(1.0, (self.epoch * nb + self.batch + 1) / (pc.eps_warmup * nb)) if pc.eps_warmup else 1.0
-            if cfg.run.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                x_adv = attack(model, x, y, kind=ta.kind, eps=ta.eps * scale, step_size=ta.step_size * scale, steps=ta.steps,
-                               restarts=ta.restarts)
-                model.train()
-                out = self.train_fn(x_adv)
-                loss = F.cross_entropy(out.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.admm is not None:
-                self.admm.add_penalty_grad()
-            self.optimizer.step()
-            if self.masked is not None:
-                self.masked.after_step()
+            loss, out = adversarial_step(
+                model, self.train_fn, self.optimizer, x, y, kind=ta.kind, eps=ta.eps * scale,
+                step_size=ta.step_size * scale, steps=ta.steps, restarts=ta.restarts, admm=self.admm,
+                masked=self.masked, autocast=autocast, channels_last=cfg.run.channels_last)
             acc = self._acc
             acc[0] += loss.detach() * len(y)
             acc[1] += (out.detach().argmax(1) == y).sum()
