@@ -57,7 +57,8 @@ class ADMM:
 
     @torch.no_grad()
     def update(self) -> dict[str, dict[str, float]]:
-        """Z/U update, then rho *= rho_multiplier. Returns the residuals measured after the update."""
+        """Z/U update, then rho *= rho_multiplier. Returns the residuals measured after the update (the dual
+        with the rho of the step just ended) and, as ``rho``, the new rho that applies from now on."""
         for k, p in self.params.items():
             self.Z_prev[k] = self.Z[k]
             self.Z[k] = project(p + self.U[k], self.schemes[k], self.ratios[k])[0]
@@ -66,6 +67,7 @@ class ADMM:
         self.updates += 1
         for k in self.rho:
             self.rho[k] *= self.rho_multiplier
+            res[k]["rho"] = self.rho[k]
         return res
 
     @torch.no_grad()

@@ -135,6 +135,11 @@ class Config:
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     source: str = field(default="", compare=False)  # profile path (or a label); not part of equality
+    overridden: frozenset = field(default=frozenset(), compare=False)  # dotted keys set by --set overrides
+
+    def origin(self, dotted: str) -> str:
+        """Where a key's value came from, for error messages: ``--set`` or the profile file."""
+        return OVERRIDE_SOURCE if dotted in self.overridden else self.source
 
     @property
     def name(self) -> str:
@@ -145,6 +150,7 @@ class Config:
         """Every schema key with its resolved value, as plain nested dicts (no ``source``)."""
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("overridden")
         return d
 
 
@@ -385,7 +391,7 @@ def _build(default: Any, d: Any, path: str, origins: _Origins) -> Any:
     """Build a dataclass like ``default`` from table ``d`` (missing keys keep the default's values)."""
     if not isinstance(d, dict):
         raise ConfigError(origins.of(path), path, "a table", _found(d))
-    names = [f.name for f in dataclasses.fields(default) if f.name != "source"]
+    names = [f.name for f in dataclasses.fields(default) if f.name not in ("source", "overridden")]
     values = {name: copy.deepcopy(getattr(default, name)) for name in names}
     for key, value in d.items():
         dotted = f"{path}.{key}" if path else key
@@ -415,6 +421,7 @@ def _from_dict(d: dict, source: str, overridden: set[str]) -> Config:
     origins = _Origins(source, overridden)
     cfg = _build(Config(), d, "", origins)
     cfg.source = source
+    cfg.overridden = frozenset(overridden)
     _cross_checks(cfg, origins)
     return cfg
 

@@ -1,8 +1,12 @@
 """Commands the engine accepts from any thread; applied by the engine at step boundaries."""
 from __future__ import annotations
 
+import json
+import os
 import queue
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 COMMANDS = ("pause", "resume", "set_rho", "eval_now", "checkpoint", "stop")
@@ -22,11 +26,80 @@ class Command:
                 raise ValueError(f"set_rho needs a positive number, got {value!r}")
 
 
+COMMAND_FILE = "commands.jsonl"
+
+
+def send_to_run_dir(run_dir: str | Path, name: str, **args: Any) -> None:
+    """Ask the engine running in ``run_dir`` (in another process) to apply a command.
+
+    Appends one JSON line to ``RUN_DIR/commands.jsonl``; the engine polls that file at step boundaries
+    (at most a few times a second) and applies new lines in order, as if sent in-process."""
+    Command(name, args)  # validate here, so a bad command fails in the sender, not in the run
+    line = json.dumps({"t": time.time(), "command": name, "args": args}) + "\n"
+    fd = os.open(Path(run_dir) / COMMAND_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write with O_APPEND: lines from several senders never interleave
+    finally:
+        os.close(fd)
+
+
+class CommandFile:
+    """Reads the commands other processes append to a run directory's ``commands.jsonl``.
+
+    Only lines appended after the file was opened count (old commands from an earlier run are skipped)."""
+
+    def __init__(self, path: str | Path, poll_interval_s: float = 0.2) -> None:
+        self.path = Path(path)
+        self.poll_interval_s = poll_interval_s
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        self._next = 0.0
+        self._partial = b""
+
+    def poll(self, force: bool = False) -> list[Command]:
+        now = time.monotonic()
+        if not force and now < self._next:
+            return []
+        self._next = now + self.poll_interval_s
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self._offset:  # replaced or truncated: start over
+            self._offset = 0
+        if size == self._offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = self._partial + f.read(size - self._offset)
+        self._offset = size
+        *lines, self._partial = data.split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                out.append(Command(rec["command"], dict(rec.get("args") or {})))
+            except (ValueError, KeyError, TypeError):
+                continue  # a malformed line from outside never stops the run
+        return out
+
+
 class Control:
-    """A thread-safe command queue. ``send`` never blocks; the engine drains it at each step boundary."""
+    """A thread-safe command queue. ``send`` never blocks; the engine drains it at each step boundary.
+
+    With :meth:`watch_file`, commands appended to a run directory's command file by another process (an
+    attached dashboard) join the queue too."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[Command] = queue.Queue()
+        self._file: CommandFile | None = None
+
+    def watch_file(self, path: str | Path) -> None:
+        self._file = CommandFile(path)
+
+    def _poll_file(self, force: bool = False) -> None:
+        if self._file is not None:
+            for cmd in self._file.poll(force):
+                self._q.put(cmd)
 
     def send(self, name: str, **args: Any) -> None:
         self._q.put(Command(name, args))
@@ -51,6 +124,7 @@ class Control:
         self.send("stop")
 
     def drain(self) -> list[Command]:
+        self._poll_file()
         out = []
         while True:
             try:
@@ -60,6 +134,7 @@ class Control:
 
     def wait(self, timeout: float) -> Command | None:
         """Block up to ``timeout`` seconds for the next command (used while paused)."""
+        self._poll_file(force=True)
         try:
             return self._q.get(timeout=timeout)
         except queue.Empty:

@@ -26,3 +26,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data set is missing or malformed; the message names the path and how to get it."""
+
+
+class NonFiniteError(Exception):
+    """Training diverged: a non-finite loss or weight. The last good checkpoint is kept; the command line
+    prints the one-line message and exits with :attr:`exit_code`."""
+
+    exit_code = 3

@@ -140,6 +140,25 @@ class ErrorEvent(Event):
         return cls(message=f"{type(exc).__name__}: {exc}", traceback="".join(_tb.format_exception(exc)))
 
 
+@dataclass
+class NonFinite(Event):
+    """A non-finite loss (checked at each metrics emission) or weight (checked before each checkpoint).
+
+    The engine never writes a checkpoint from such a state; ``action`` says what it did: ``stop`` (headless:
+    the run ends with an error) or ``pause`` (a session with a dashboard attached)."""
+
+    type: ClassVar[str] = "nonfinite"
+    what: str  # "loss" | "weights"
+    layers: list  # tensors of the model with non-finite values (for "weights")
+    step: int
+    epoch: int
+    phase: str
+    checkpoint: str  # the last good checkpoint, kept ("" if none was written yet)
+    checkpoint_step: int  # its step (-1 if none)
+    action: str  # "stop" | "pause"
+    message: str
+
+
 Subscriber = Callable[[Event], None]
 
 

@@ -16,14 +16,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy comes with torchvision
+    np = None
+
 from . import data as data_mod
 from .admm import ADMM
 from .attacks import attack, evaluate
 from .config import Config, PhaseConfig
 from .control import Command, Control
-from .errors import ConfigError, UserError
+from .errors import ConfigError, NonFiniteError, UserError
 from .events import (CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished, LayerStats,
-                     LogLine, PhaseChange, Residuals, StepMetrics)
+                     LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
 from .models import build_model, prunable_parameters
 from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_targets
 from .rundir import RunDir, atomic_torch_save, safe_torch_load
@@ -31,6 +36,9 @@ from .summary import build_summary, write_summary
 
 PHASES = ("pretrain", "admm", "retrain")
 CHECKPOINT_FORMAT = 1
+NONFINITE_ACTIONS = ("stop", "pause")
+# evaluations that compete for best.pt: those on the live subset, during a training phase
+BEST_REASONS = ("periodic", "phase_end", "now")
 
 
 class StopRequested(Exception):
@@ -98,10 +106,17 @@ def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float,
 
 
 class Engine:
-    """One run of the pipeline. Build it, then call :meth:`run` (blocking)."""
+    """One run of the pipeline. Build it, then call :meth:`run` (blocking).
+
+    ``on_nonfinite``: what a non-finite loss or weight does -- ``"stop"`` (headless: the run ends with a
+    :class:`~engine.errors.NonFiniteError`) or ``"pause"`` (a dashboard is attached: pause and say so).
+    Either way no checkpoint is written from that state on, so the last good one is kept."""
 
     def __init__(self, cfg: Config, rundir: RunDir, bus: EventBus, control: Control,
-                 *, resume_state: dict | None = None) -> None:
+                 *, resume_state: dict | None = None, on_nonfinite: str = "stop") -> None:
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
         self.cfg = cfg
         self.rundir = rundir
         self.bus = bus
@@ -124,6 +139,10 @@ class Engine:
         self.last_eval: dict | None = None
         self.summary: dict | None = None
         self._acc = None
+        self._nf: torch.Tensor | None = None  # device flag: a non-finite loss since the last emission
+        self._bad: dict | None = None  # set at the first non-finite loss or weight: no checkpoint from then on
+        self.best: dict | None = None  # the evaluation best.pt holds (see _consider_best)
+        self.last_checkpoint: dict | None = None  # the last good checkpoint.pt written (path, step, phase)
         self._last_emit = time.monotonic()
 
     # ------------------------------------------------------------------ setup
@@ -140,6 +159,8 @@ class Engine:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         random.seed(cfg.run.seed)
+        if np is not None:
+            np.random.seed(cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
         self.data = data_mod.load_dataset(
             cfg.data.name, cfg.data.root, cfg.data.download, self.device, train_subset=cfg.data.train_subset,
@@ -153,7 +174,9 @@ class Engine:
         if cfg.run.init and self.resume_state is None:
             self._load_init(cfg.run.init)
         self.params = prunable_parameters(self.model)
-        self.ratios = resolve_targets(list(self.params), cfg.prune.ratio, cfg.prune.layers, source=cfg.source)
+        # a glob matching no layer is reported where it came from: the profile, or a --set override
+        self.ratios = resolve_targets(list(self.params), cfg.prune.ratio, cfg.prune.layers,
+                                      source=lambda key: cfg.origin(f"prune.layers.{key}"))
         self.schemes = {k: layer_scheme(p, cfg.prune.scheme, cfg.prune.linear_scheme) for k, p in self.params.items()}
         self.loader = data_mod.BatchLoader(self.data.train_x, self.data.train_y, cfg.data.batch_size, shuffle=True,
                                            seed=cfg.run.seed, augment=cfg.data.augment and cfg.data.name == "cifar10")
@@ -161,6 +184,7 @@ class Engine:
         self.train_fn = self.model
         if cfg.run.compile:
             self.train_fn = torch.compile(self.model)
+        self._nf = torch.zeros((), dtype=torch.bool, device=self.device)
         self._setup_done = True
 
     def _load_init(self, path: str) -> None:
@@ -188,22 +212,24 @@ class Engine:
     def run(self) -> dict | None:
         """Run to the end (or a stop command). Errors are emitted as an error event, then re-raised."""
         try:
-            self.state = "running"
-            self.setup()
-            start_phase, mid_phase = 0, False
-            if self.resume_state is not None:
-                start_phase = self._restore(self.resume_state)
-                mid_phase = start_phase == self.phase_index
-            for i in range(start_phase, len(PHASES)):
-                self._run_phase(i, resumed=mid_phase and i == start_phase)
-            self._finish("completed")
-            return self.summary
-        except StopRequested:
-            self._save_checkpoint("stop")
-            self.state = "stopped"
-            self.log("info", "stopped on request; the run can be resumed from its checkpoint")
-            self.bus.emit(Finished(status="stopped", summary={}))
-            return None
+            try:
+                self.state = "running"
+                self.setup()
+                start_phase, mid_phase = 0, False
+                if self.resume_state is not None:
+                    start_phase = self._restore(self.resume_state)
+                    mid_phase = start_phase == self.phase_index
+                for i in range(start_phase, len(PHASES)):
+                    self._run_phase(i, resumed=mid_phase and i == start_phase)
+                self._finish("completed")
+                return self.summary
+            except StopRequested:
+                self.paused = False
+                self._save_checkpoint("stop")
+                self.state = "stopped"
+                self.log("info", "stopped on request; the run can be resumed from its checkpoint")
+                self.bus.emit(Finished(status="stopped", summary={}))
+                return None
         except BaseException as exc:
             self.state = "error"
             self.bus.emit(ErrorEvent.from_exception(exc))
@@ -276,7 +302,10 @@ class Engine:
 
     def _run_epoch(self, name: str, pc: PhaseConfig) -> None:
         cfg = self.cfg
-        if name == "admm" and self.epoch > 0 and self.epoch % cfg.admm.update_every == 0 and self.batch == 0:
+        # Z/U update at the start of every update_every-th epoch. Counting updates (not testing batch == 0)
+        # makes it idempotent: a checkpoint taken after the update (a pause at the epoch's first step) resumes
+        # without updating twice; one taken at the epoch end (before it) resumes by doing it.
+        if name == "admm" and self.admm.updates < self.epoch // cfg.admm.update_every:
             res = self.admm.update()
             self._record_rho("update")
             self.bus.emit(Residuals(update=self.admm.updates, layers=res, **self._where()))
@@ -303,9 +332,11 @@ class Engine:
                 step_size=ta.step_size * scale, steps=ta.steps, restarts=ta.restarts, admm=self.admm,
                 masked=self.masked, autocast=autocast, channels_last=cfg.run.channels_last)
             acc = self._acc
-            acc[0] += loss.detach() * len(y)
+            loss = loss.detach()
+            acc[0] += loss * len(y)
             acc[1] += (out.detach().argmax(1) == y).sum()
             acc[2] += len(y)
+            self._nf |= ~torch.isfinite(loss)  # on the device: read at the next emission, no sync here
             self.step += 1
             self.batch += 1
             if time.monotonic() - self._last_emit >= cfg.run.log_interval_s:
@@ -322,7 +353,7 @@ class Engine:
             return
         now = time.monotonic()
         n = acc[2]
-        loss_sum, correct = torch.stack([acc[0].float(), acc[1].float()]).tolist()
+        loss_sum, correct, nonfinite = torch.stack([acc[0].float(), acc[1].float(), self._nf.float()]).tolist()
         penalty = float(self.admm.penalty().item()) if self.admm is not None else 0.0
         pc = getattr(self.cfg.phases, self.phase)
         self.bus.emit(StepMetrics(
@@ -332,6 +363,50 @@ class Engine:
         self._acc = [torch.zeros_like(acc[0]), torch.zeros_like(acc[1]), 0]
         self._interval_t0 = now
         self._last_emit = now
+        if nonfinite:
+            self._nf.zero_()
+            self._on_nonfinite("loss")
+
+    # ------------------------------------------------------------------ non-finite guard
+    def _nonfinite_tensors(self) -> list[str]:
+        """Names of the model's floating-point tensors holding a NaN or an inf (one host sync for all)."""
+        tensors = [(k, v) for k, v in self.model.state_dict().items() if v.is_floating_point()]
+        if not tensors:
+            return []
+        finite = torch.stack([torch.isfinite(v).all() for _, v in tensors]).tolist()
+        return [k for (k, _), ok in zip(tensors, finite) if not ok]
+
+    def _on_nonfinite(self, what: str, layers: list[str] | None = None) -> None:
+        """Report a non-finite loss or weight; from now on no checkpoint is written. Headless: raise
+        NonFiniteError. With a dashboard (on_nonfinite="pause"): pause at the next step boundary."""
+        layers = list(layers or [])
+        if self._bad is None:
+            self._bad = {"what": what, "step": self.step, "phase": self.phase}
+        ck = self.last_checkpoint
+        where = f" in {', '.join(layers[:3])}{' ...' if len(layers) > 3 else ''}" if layers else ""
+        kept = (f"the last good checkpoint {ck['path']} (step {ck['step']}, phase {ck['phase']}) is kept"
+                if ck else "no checkpoint had been written yet")
+        knob = f"phases.{self.phase}.lr" + (" or admm.rho" if self.phase == "admm" else "")
+        if self.phase not in PHASES:
+            knob = "the learning rates or admm.rho"
+        msg = (f"{self.rundir.path}: non-finite {what}{where} at step {self.step} (phase {self.phase}): training "
+               f"diverged; {kept}: lower {knob} and start again")
+        self.bus.emit(NonFinite(what=what, layers=layers, step=self.step, epoch=self.epoch, phase=self.phase,
+                                checkpoint=ck["path"] if ck else "", checkpoint_step=ck["step"] if ck else -1,
+                                action=self.on_nonfinite, message=msg))
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(msg)
+        self.log("error", f"{'paused' if not self.paused else 'still paused'}: {msg}; no checkpoint will be "
+                          "written from this state")
+        self.paused, self.state = True, "paused"
+
+    def _state_ok(self) -> bool:
+        """True when the state may be written: no non-finite loss so far and every weight finite."""
+        if self._bad is None:
+            bad = self._nonfinite_tensors()
+            if bad:
+                self._on_nonfinite("weights", bad)
+        return self._bad is None
 
     # ------------------------------------------------------------------ commands
     def _boundary(self) -> None:
@@ -418,7 +493,26 @@ class Engine:
         ev = EvalResult(nat_acc=nat, adv_acc=adv, n=len(x), attack=attack_info, reason=reason, **self._where())
         self.bus.emit(ev)
         self.last_eval = ev.to_dict()
+        if reason in BEST_REASONS and self.phase in PHASES:
+            self._consider_best(self.last_eval)
         return self.last_eval
+
+    def _consider_best(self, ev: dict) -> None:
+        """Keep best.pt: the checkpoint at the evaluation with the highest PGD accuracy on the live subset
+        (ties: higher natural accuracy, then the earlier one) among the evaluations of the current phase.
+
+        Phases do not compete: the first evaluation of a new phase replaces best.pt, so in the retrain phase
+        it is always a pruned model that meets its sparsity targets (a dense pretrained model scores higher
+        but is not what the run is for)."""
+        b = self.best
+        if b is not None and b["phase"] == self.phase and (b["adv_acc"], b["nat_acc"]) >= (ev["adv_acc"], ev["nat_acc"]):
+            return
+        if not self._state_ok():
+            return
+        self.best = {"phase": self.phase, "epoch": self.epoch, "step": self.step, "reason": ev["reason"],
+                     "adv_acc": ev["adv_acc"], "nat_acc": ev["nat_acc"], "n": ev["n"]}
+        atomic_torch_save(self.rundir.best, self.checkpoint_state(), hint=self._resume_hint())
+        self.bus.emit(CheckpointSaved(path=str(self.rundir.best), reason="best", **self._where()))
 
     def layer_records(self) -> list[dict]:
         recs = []
@@ -435,6 +529,10 @@ class Engine:
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+        if np is not None:  # as plain lists and numbers, so weights_only loading accepts them
+            kind, keys, pos, has_gauss, cached = np.random.get_state()
+            rng["numpy"] = {"kind": str(kind), "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                            "cached_gaussian": float(cached)}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -450,14 +548,30 @@ class Engine:
             "layers": {k: {"target": self.ratios[k], "scheme": self.schemes[k]} for k in self.params},
             "rho_history": self.rho_history, "phase_times": dict(self.phase_times),
             "rng": rng, "metrics_lines": self.rundir.metrics_lines(), "last_eval": self.last_eval,
+            "best": self.best,
         }
 
-    def _save_checkpoint(self, reason: str) -> None:
+    def _resume_hint(self) -> str:
+        return f"resume the run (robprune run --resume {self.rundir.path})"
+
+    def _save_checkpoint(self, reason: str) -> bool:
+        """Write checkpoint.pt, unless the state is not finite (then the last good one stays). Returns whether
+        it was written. A metrics line that could not be written (a full disk) stops the run here, before a
+        checkpoint could claim records that are not on disk."""
         if not hasattr(self, "model"):
-            return
+            return False
         self._emit_step()  # flush the interval's metrics so the checkpoint's metrics position includes them
-        atomic_torch_save(self.rundir.checkpoint, self.checkpoint_state())
+        if self.rundir.write_error is not None:
+            raise self.rundir.write_error
+        if not self._state_ok():
+            ck = self.last_checkpoint
+            self.log("warning", f"checkpoint ({reason}) not written: non-finite values since step {self._bad['step']}; "
+                                + (f"keeping {ck['path']} (step {ck['step']})" if ck else "no good checkpoint exists"))
+            return False
+        atomic_torch_save(self.rundir.checkpoint, self.checkpoint_state(), hint=self._resume_hint())
+        self.last_checkpoint = {"path": str(self.rundir.checkpoint), "step": self.step, "phase": self.phase}
         self.bus.emit(CheckpointSaved(path=str(self.rundir.checkpoint), reason=reason, **self._where()))
+        return True
 
     def _restore(self, st: dict) -> int:
         self.model.load_state_dict(st["model"])
@@ -467,6 +581,8 @@ class Engine:
         self.phase_times = dict(st["phase_times"])
         self.pending_rho = st.get("pending_rho")
         self.last_eval = st.get("last_eval")
+        self.best = st.get("best")
+        self.last_checkpoint = {"path": str(self.rundir.checkpoint), "step": self.step, "phase": st["phase"]}
         if st["phase"] == "done":
             return len(PHASES)
         name = PHASES[self.phase_index]
@@ -483,6 +599,10 @@ class Engine:
         if st["optimizer"] is not None:
             self.optimizer.load_state_dict(st["optimizer"])
         random.setstate(st["rng"]["python"])
+        if np is not None and "numpy" in st["rng"]:
+            n = st["rng"]["numpy"]
+            np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                                 n["cached_gaussian"]))
         torch.set_rng_state(st["rng"]["torch"])
         if "cuda" in st["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(st["rng"]["cuda"])
@@ -493,11 +613,15 @@ class Engine:
 
     # ------------------------------------------------------------------ the end
     def _finish(self, status: str) -> None:
+        if not self._state_ok():  # never write model.pt from a non-finite state
+            self._boundary()  # paused (dashboard): wait for the user; a stop keeps the last good checkpoint
+            raise NonFiniteError(f"{self.rundir.path}: the weights are not finite at the end of the run; "
+                                 f"model.pt was not written: lower the learning rates or admm.rho and start again")
         self.phase = "final"
         final = self._evaluate("final", final=True)
         self._emit_layers()
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        atomic_torch_save(self.rundir.model, weights)
+        atomic_torch_save(self.rundir.model, weights, hint=self._resume_hint())
         self.phase = "done"
         self._save_checkpoint("final")
         self.summary = build_summary(

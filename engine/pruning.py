@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 
 import torch
@@ -93,19 +93,21 @@ def layer_scheme(weight: Tensor, scheme: str, linear_scheme: str) -> str:
 
 
 def resolve_targets(
-    names: list[str], default: float, layers: Mapping[str, float], *, source: str = "profile"
+    names: list[str], default: float, layers: Mapping[str, float], *,
+    source: str | Callable[[str], str] = "profile",
 ) -> dict[str, float]:
     """Per-layer pruning ratios for ``names``.
 
     An exact name key wins; otherwise the first ``fnmatch`` glob (in ``layers`` order) that matches;
-    otherwise ``default``. A key matching no layer raises ConfigError naming ``source``.
+    otherwise ``default``. A key matching no layer raises ConfigError naming ``source`` (or ``source(key)``:
+    where that key came from).
     """
     names = list(names)
     for key in layers:
         if key not in names and not any(fnmatch.fnmatchcase(n, key) for n in names):
             examples = ", ".join(repr(n) for n in names[:3]) or "no prunable layers"
             raise ConfigError(
-                source,
+                source(key) if callable(source) else source,
                 f'prune.layers."{key}"',
                 f"a layer name or glob matching at least one prunable layer (e.g. {examples})",
                 key,

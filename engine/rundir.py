@@ -7,22 +7,33 @@ Layout::
     metrics.jsonl      step / eval / layers / residuals events, one JSON object a line, flushed as emitted
     events.jsonl       phase changes, applied commands, checkpoints, logs, finished, error
     checkpoint.pt      the last checkpoint (atomic: temp file, fsync, rename)
+    best.pt            the checkpoint of the best live evaluation in the latest phase (see Engine._consider_best)
     model.pt           final weights, a plain state_dict (torch.load(..., weights_only=True))
+    .lock              held (flock) by the process running the run; holds its pid
     summary.json / summary.md / metrics.csv   the export
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import pickle
 import platform
+import re
 import tempfile
 import threading
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no locking
+    fcntl = None
 
 from .errors import UserError
 from .events import Event
@@ -30,21 +41,36 @@ from .events import Event
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, rename, fsync dir."""
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, hint: str = "") -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, rename, fsync dir.
+
+    On any OS error (a full disk, a read-only file system) the temp file is removed, ``path`` keeps its
+    previous content, and a one-line :class:`WriteError` names the path, the reason and ``hint``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise WriteError(path, exc, hint) from None
         raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -56,25 +82,70 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         pass
 
 
+class WriteError(UserError):
+    """A file of the run directory could not be written (full disk, permissions); the old file is intact."""
+
+    def __init__(self, path: Path, exc: OSError, hint: str = "", *, atomic: bool = True) -> None:
+        self.path, self.errno = Path(path), exc.errno
+        reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free some space"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {self.path.parent} writable"
+        else:
+            fix = "check the disk"
+        kept = f"; the previous {self.path.name} is intact" if atomic and self.path.exists() else ""
+        super().__init__(f"{self.path}: cannot write: {reason}{kept}: {fix}" + (f", then {hint}" if hint else ""))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_torch_save(path: Path, obj: Any) -> None:
+def atomic_torch_save(path: Path, obj: Any, *, hint: str = "") -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), hint=hint)
 
 
-def safe_torch_load(path: Path, map_location="cpu") -> Any:
-    """Load a checkpoint or model with ``weights_only=True``: a file from elsewhere cannot run code."""
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def safe_torch_load(path: Path, map_location="cpu", *, hint: str = "") -> Any:
+    """Load a checkpoint or model with ``weights_only=True``: a file from elsewhere cannot run code.
+
+    Every failure is a one-line :class:`UserError`: a missing file, a truncated or corrupt one, or one that
+    holds Python objects other than tensors and plain containers (refused, never executed)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file" + (f": {hint}" if hint else ""))
+    tail = f"; {hint}" if hint else ""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        m = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if m:
+            raise UserError(f"{path}: refused to load: it holds a Python object ({m.group(1)}) that could run code; "
+                            f"expected tensors and plain containers only (a file written by robprune){tail}") from None
+        what = _damage(path, exc)
     except Exception as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        what = _damage(path, exc)
+    raise UserError(f"{path}: {what}: expected a complete file written by robprune{tail}")
+
+
+def _damage(path: Path, exc: BaseException) -> str:
+    """Say how a file torch.load could not read is damaged: empty, truncated or corrupt."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC and not zipfile.is_zipfile(path):
+        return f"truncated ({size} bytes; the end of the archive is missing)"
+    if head != _ZIP_MAGIC:
+        return f"corrupt ({size} bytes; not a torch.save archive)"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"corrupt ({lines[0] if lines else type(exc).__name__})"
 
 
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
@@ -95,6 +166,8 @@ class RunDir:
         self._lock = threading.Lock()
         self._metrics = None
         self._events = None
+        self._lock_fd: int | None = None
+        self.write_error: WriteError | None = None  # the first failed metrics/events append, if any
 
     # --- paths
     @property
@@ -104,6 +177,18 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.pt"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "meta.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
 
     @property
     def model(self) -> Path:
@@ -128,6 +213,49 @@ class RunDir:
                 "python": platform.python_version(), "robprune": _version()}
         atomic_write_text(self.path / "meta.json", json.dumps(meta, indent=2) + "\n")
 
+    # --- exclusive use
+    def acquire(self) -> None:
+        """Lock the run directory for this process (``flock`` on ``.lock``, held until :meth:`close` or exit).
+
+        A directory another live process holds raises a one-line UserError naming that process's pid; the
+        lock dies with its process, so a run killed with SIGKILL never leaves a stale lock behind."""
+        if self._lock_fd is not None:
+            return
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"{self.lock_file}: cannot create the lock file: {(exc.strerror or str(exc)).lower()}: "
+                            f"make {self.path} writable") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+                finally:
+                    os.close(fd)
+                raise UserError(f"{self.path}: in use by another robprune process (pid {holder}): wait for it to "
+                                f"finish, or stop it first (kill -TERM {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def remove_stale_temp_files(self) -> list[Path]:
+        """Delete temp files an interrupted atomic write left behind (``.checkpoint.pt.XXXX.tmp``)."""
+        gone = []
+        for p in self.path.glob(".*.tmp"):
+            try:
+                p.unlink()
+                gone.append(p)
+            except OSError:
+                pass
+        return gone
+
     def open_logs(self) -> None:
         self._metrics = open(self.metrics, "a", encoding="utf-8")
         self._events = open(self.events, "a", encoding="utf-8")
@@ -136,8 +264,12 @@ class RunDir:
         with self._lock:
             for f in (self._metrics, self._events):
                 if f is not None:
-                    f.close()
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
             self._metrics = self._events = None
+        self.release()
 
     # --- subscriber
     def __call__(self, event: Event) -> None:
@@ -147,13 +279,18 @@ class RunDir:
         line = json.dumps(event.to_dict(), default=_json_default) + "\n"
         with self._lock:
             f = self._metrics if event.metric else self._events
-            if f is None:
-                target = self.metrics if event.metric else self.events
-                with open(target, "a", encoding="utf-8") as g:
-                    g.write(line)
-                return
-            f.write(line)
-            f.flush()
+            target = self.metrics if event.metric else self.events
+            try:
+                if f is None:
+                    with open(target, "a", encoding="utf-8") as g:
+                        g.write(line)
+                    return
+                f.write(line)
+                f.flush()
+            except OSError as exc:  # a full disk: remembered, and the engine stops before its next checkpoint
+                if self.write_error is None:
+                    self.write_error = WriteError(target, exc, "resume the run", atomic=False)
+                raise
 
     def append_event(self, record: dict) -> None:
         """Append a record (with ``t`` and ``type``) to events.jsonl from outside the engine (e.g. export)."""

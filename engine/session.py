@@ -11,27 +11,33 @@ applied command comes back as an event (and a line in events.jsonl).
 """
 from __future__ import annotations
 
+import json
 import shutil
 import threading
+import tomllib
 from pathlib import Path
 from typing import Sequence
 
 from .config import Config, dump_toml, load_profile
-from .control import Control
+from .control import COMMAND_FILE, Control
 from .errors import UserError
 from .events import Event, EventBus, Subscriber
 from .pipeline import CHECKPOINT_FORMAT, Engine
-from .rundir import RunDir, default_run_dir, safe_torch_load
+from .rundir import FORMAT_VERSION, RunDir, default_run_dir, safe_torch_load
 
 
 class Session:
-    def __init__(self, cfg: Config, rundir: RunDir, *, resume_state: dict | None = None) -> None:
+    def __init__(self, cfg: Config, rundir: RunDir, *, resume_state: dict | None = None,
+                 on_nonfinite: str = "stop") -> None:
+        """``on_nonfinite``: "stop" (headless) or "pause" (a dashboard is attached): see :class:`Engine`."""
         self.cfg = cfg
         self.rundir = rundir
         self.bus = EventBus()
         self.control = Control()
-        self.engine = Engine(cfg, rundir, self.bus, self.control, resume_state=resume_state)
+        self.engine = Engine(cfg, rundir, self.bus, self.control, resume_state=resume_state,
+                             on_nonfinite=on_nonfinite)
         self.bus.subscribe(rundir)
+        self.control.watch_file(rundir.path / COMMAND_FILE)  # commands from an attached dashboard
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._created = False
@@ -50,35 +56,55 @@ class Session:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def new(cls, profile: str | Path, overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> "Session":
-        """Validate the profile and create the run directory (nothing is loaded yet: see :meth:`prepare`)."""
+    def new(cls, profile: str | Path, overrides: Sequence[str] = (), run_dir: str | Path | None = None,
+            *, on_nonfinite: str = "stop") -> "Session":
+        """Validate the profile and create the run directory (nothing is loaded yet: see :meth:`prepare`).
+
+        The run directory is locked for this process until the run ends (see :meth:`RunDir.acquire`)."""
         cfg = load_profile(profile, overrides)
         rd = RunDir(run_dir if run_dir is not None else default_run_dir(cfg.name))
         rd.create(dump_toml(cfg.to_dict()))
+        rd.acquire()
         rd.open_logs()
-        s = cls(cfg, rd)
+        s = cls(cfg, rd, on_nonfinite=on_nonfinite)
         s._created = True
         return s
 
     @classmethod
-    def resume(cls, run_dir: str | Path) -> "Session":
+    def resume(cls, run_dir: str | Path, *, on_nonfinite: str = "stop") -> "Session":
+        """Continue a run from its last checkpoint. Everything is checked before anything is changed: a run
+        directory that is not one, is in use, has another format, an edited profile or a damaged checkpoint
+        raises a one-line UserError and is left as it was."""
         rd = RunDir(run_dir)
         if not rd.path.is_dir():
-            raise UserError(f"{rd.path}: no such run directory")
+            raise UserError(f"{rd.path}: no such run directory: expected a directory made by robprune run")
         if not rd.profile.is_file():
             raise UserError(f"{rd.profile}: missing; {rd.path} is not a robprune run directory")
+        _check_meta(rd)
         cfg = load_profile(rd.profile)
-        state = safe_torch_load(rd.checkpoint) if rd.checkpoint.exists() else None
-        if state is None:
-            raise UserError(f"{rd.checkpoint}: no checkpoint to resume from")
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{rd.checkpoint}: checkpoint format {state.get('format') if isinstance(state, dict) else '?'}"
-                            f" is not the supported format {CHECKPOINT_FORMAT}")
-        if state.get("profile") and state["profile"] != rd.profile.read_text(encoding="utf-8"):
-            raise UserError(f"{rd.checkpoint}: written by a different profile than {rd.profile}")
-        rd.truncate_metrics(state["metrics_lines"])  # records after the checkpoint will be written again
-        rd.open_logs()
-        return cls(cfg, rd, resume_state=state)
+        rd.acquire()
+        try:
+            if not rd.checkpoint.exists():
+                raise UserError(f"{rd.checkpoint}: no checkpoint to resume from: the run stopped before its first "
+                                "checkpoint; start it again")
+            hint = (f"{rd.best.name} holds an earlier state (copy it over {rd.checkpoint.name} to resume from it)"
+                    if rd.best.is_file() else "")
+            state = safe_torch_load(rd.checkpoint, hint=hint)
+            fmt = state.get("format") if isinstance(state, dict) else None
+            if fmt is None:
+                raise UserError(f"{rd.checkpoint}: not a robprune checkpoint (no format field): expected the "
+                                "checkpoint.pt robprune writes")
+            if fmt != CHECKPOINT_FORMAT:
+                raise UserError(f"{rd.checkpoint}: checkpoint format {fmt!r}, expected {CHECKPOINT_FORMAT}: written by "
+                                f"another version of robprune; resume it with that version")
+            _check_same_profile(rd, state.get("profile") or "")
+            rd.remove_stale_temp_files()  # left by an atomic write a kill interrupted
+            rd.truncate_metrics(state["metrics_lines"])  # records after the checkpoint will be written again
+            rd.open_logs()
+        except BaseException:
+            rd.release()
+            raise
+        return cls(cfg, rd, resume_state=state, on_nonfinite=on_nonfinite)
 
     # ------------------------------------------------------------------ events and commands
     def subscribe(self, fn: Subscriber):
@@ -142,3 +168,51 @@ class Session:
         if self.alive:
             self.control.stop()
             self.join(timeout)
+
+
+def _check_meta(rd: RunDir) -> None:
+    """A run directory written by another format version of robprune is refused before anything is read."""
+    if not rd.meta.exists():
+        return
+    try:
+        meta = json.loads(rd.meta.read_text(encoding="utf-8"))
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{rd.meta}: not readable JSON ({type(exc).__name__}): expected the meta.json robprune "
+                        f"writes; {rd.path} is damaged") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != FORMAT_VERSION:
+        by = meta.get("robprune", "?") if isinstance(meta, dict) else "?"
+        raise UserError(f"{rd.meta}: run directory format {fmt!r} (written by robprune {by}), expected format "
+                        f"{FORMAT_VERSION}: use the robprune version that wrote it")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key) or {key: {}})
+        else:
+            out[key] = v
+    return out
+
+
+def _check_same_profile(rd: RunDir, saved: str) -> None:
+    """The profile.toml of a run directory must still say what the checkpoint was trained with."""
+    if not saved:
+        return
+    current = rd.profile.read_text(encoding="utf-8")
+    if current == saved:
+        return
+    try:
+        old, new = _flatten(tomllib.loads(saved)), _flatten(tomllib.loads(current))
+    except tomllib.TOMLDecodeError:
+        old, new = {"?": "?"}, {}
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k, "<missing>") != new.get(k, "<missing>")]
+    if not diff:
+        return  # reformatted, same values
+    k = diff[0]
+    more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+    raise UserError(f"{rd.profile}: changed after the checkpoint was written ({k}: {old.get(k, '<missing>')!r} -> "
+                    f"{new.get(k, '<missing>')!r}{more}): a run resumes with the profile it started with; undo the "
+                    f"edit, or start a new run (--set run.init={rd.checkpoint} starts from its weights)")

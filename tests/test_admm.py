@@ -66,6 +66,7 @@ def test_update_follows_the_formulas_and_multiplies_rho():
         assert res[k]["primal"] == pytest.approx(float((W - Z).norm() / W.norm()), rel=1e-5)
         assert res[k]["dual"] == pytest.approx(0.01 * float((Z - Z_old[k]).norm()), rel=1e-5)
         assert admm.rho[k] == pytest.approx(0.013)
+        assert res[k]["rho"] == pytest.approx(0.013)  # the rho that applies from now on
     assert admm.updates == 1
 
 

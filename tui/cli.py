@@ -6,7 +6,9 @@ the key and what was expected, and exits with code 2 — no traceback.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -34,58 +36,115 @@ def run(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a profile key: --set attack.train.steps=10."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue RUN_DIR from its last checkpoint."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines: stderr gets errors only."),
 ) -> None:
-    """Run the three-phase pipeline headless, with a progress bar and a final table."""
-    from engine.session import Session
+    """Run the three-phase pipeline headless, with a progress bar and a final table.
+
+    Exit codes: 0 completed, or stopped by SIGTERM / SIGHUP (with a checkpoint: resume it); 130 stopped by
+    Ctrl-C (the first with a checkpoint, a second at once); 2 bad input; 3 the run diverged (a non-finite loss
+    or weight: the last good checkpoint is kept); 1 any other error (traceback in events.jsonl).
+    """
+    from engine.errors import NonFiniteError
     from tui.headless import HeadlessPrinter, summary_table
 
     try:
         if resume is not None:
             if profile is not None or overrides:
-                raise UserError("--resume takes the profile from the run directory; give no PROFILE or --set")
-            session = Session.resume(resume)
+                raise UserError(f"--resume {resume}: the profile comes from the run directory: give no PROFILE or --set")
         elif profile is None:
             raise UserError("missing PROFILE (e.g. robprune run profiles/mnist_quick.toml)")
         else:
-            session = Session.new(profile, overrides, run_dir)
+            from engine.config import load_profile
+
+            load_profile(profile, overrides)  # a bad profile fails at once, before torch is even imported
+        from engine.session import Session
+
+        session = Session.resume(resume) if resume is not None else Session.new(profile, overrides, run_dir)
         session.prepare()
     except UserError as exc:
         fail(exc)
-    err.print(f"run directory: {session.rundir.path}", highlight=False)
+    if not quiet:
+        err.print(f"run directory: {session.rundir.path}", highlight=False)
     printer = HeadlessPrinter(err, quiet=quiet)
     session.subscribe(printer)
     interrupts = 0
 
-    def on_signal(signum, frame):  # SIGTERM / SIGHUP: stop at the next step boundary with a checkpoint
+    def on_stop_signal(signum, frame):  # SIGTERM / SIGHUP: stop at the next step boundary with a checkpoint
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_from_terminal()
         session.stop()
 
+    def on_interrupt(signum, frame):  # Ctrl-C: the first stops with a checkpoint, a second at once
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            session.stop()
+            _say("stopping at the next step with a checkpoint (Ctrl-C again to stop at once)")
+        else:
+            _stop_at_once(session.rundir.path)
+
+    signal.signal(signal.SIGINT, on_interrupt)
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None:
-            signal.signal(sig, on_signal)
-    with printer:
-        session.start()
-        while session.alive:
-            try:
+            signal.signal(sig, on_stop_signal)
+    try:
+        with printer:
+            session.start()
+            while session.alive:
                 session.join(0.2)
-            except KeyboardInterrupt:
-                interrupts += 1
-                if interrupts == 1:
-                    err.print("stopping at the next step with a checkpoint (Ctrl-C again to stop at once)")
-                    session.stop()
-                else:
-                    raise SystemExit(130)
-    if session.error is not None:
-        if isinstance(session.error, UserError):
-            fail(session.error)
-        err.print(f"robprune: error: {type(session.error).__name__}: {session.error} "
-                  f"(traceback in {session.rundir.events})", markup=False, highlight=False)
+    except OSError:  # the terminal or the pipe we print to went away: the run goes on, its records are on disk
+        _detach_from_terminal(always=True)
+        session.join()
+    e = session.error
+    if e is not None:
+        if isinstance(e, UserError):
+            fail(e)
+        if isinstance(e, NonFiniteError):
+            _say(f"robprune: error: {e}")
+            raise typer.Exit(e.exit_code)
+        _say(f"robprune: error: {type(e).__name__}: {e} (traceback in {session.rundir.events})")
         raise typer.Exit(1)
     if session.engine.state == "stopped":
-        err.print(f"stopped; resume with: robprune run --resume {session.rundir.path}")
+        _say(f"stopped; resume with: robprune run --resume {session.rundir.path}")
         raise typer.Exit(130 if interrupts else 0)
     out.print(summary_table(session.engine.summary))
     out.print(f"summary: {session.rundir.path / 'summary.md'}")
+
+
+def _say(msg: str) -> None:
+    """One plain line on stderr; never fails (the terminal may be gone after SIGHUP)."""
+    try:
+        err.print(msg, markup=False, highlight=False, soft_wrap=True)
+    except OSError:
+        pass
+
+
+def _detach_from_terminal(always: bool = False) -> None:
+    """After SIGHUP (a dropped SSH session) the terminal is gone and writing to it fails: point stdout and
+    stderr at /dev/null (terminals only, unless ``always``), so the run can still checkpoint and exit cleanly."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    for fd in (1, 2):
+        try:
+            if always or stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
+
+
+def _stop_at_once(run_dir: Path) -> None:
+    """The second Ctrl-C: exit now. Checkpoints are written atomically, so the last one is intact."""
+    msg = f"\nrobprune: stopped at once; resume from the last checkpoint with: robprune run --resume {run_dir}\n"
+    try:
+        if os.isatty(2):
+            os.write(2, b"\x1b[?25h")  # show the cursor the progress bar hid
+        os.write(2, msg.encode())
+    except OSError:
+        pass
+    os._exit(130)
 
 
 @app.command("eval")
@@ -132,6 +191,82 @@ def export(run_dir: Path = typer.Argument(..., help="A run directory (finished, 
         fail(exc)
     for p in paths:
         out.print(str(p), highlight=False)
+
+
+@app.command("experiment")
+def experiment_cmd(
+    name: str = typer.Argument(..., help="weight-dist | scratch-vs-pruned | lottery | transfer | schemes."),
+    profile: Path = typer.Argument(..., help="Base profile every run starts from; the preset's keys go on top of it."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Report directory (default experiments/NAME); the "
+                                                                 "runs live in OUT/runs/<run>."),
+    overrides: List[str] = typer.Option([], "--set", help="A profile key for every run (--set run.seed=1), or an "
+                                                          "experiment parameter (--set exp.widths=[1,2,4])."),
+    preset: str = typer.Option("cpu", "--preset", help="cpu (mnist-5k, ~15 min on 2 cores) | paper (GPU) | tiny "
+                                                       "(tests), or a preset TOML file."),
+    plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw the plots in the terminal "
+                                                                         "(default: when stdout is a terminal)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: stderr gets errors only."),
+) -> None:
+    """Run one of the paper's experiments (its trainings, one after the other) and write a report: report.md,
+    results.json / results.csv, PNG figures and the resolved profile of every run, in OUT.
+
+    PROFILE is the base profile: each run is PROFILE + the preset's keys + your --set keys + the keys the
+    experiment sets for that run (width, pruning ratios, initial weights, epochs). Re-running the same command
+    reuses the finished runs and resumes an interrupted one from its checkpoint. Exit codes as for `run`.
+    """
+    from engine.errors import NonFiniteError
+    from engine.experiments import Experiment, ExperimentStopped
+    from tui.experiment_view import ExperimentPrinter, draw_plots, print_findings
+
+    printer = ExperimentPrinter(err, quiet=quiet)
+    try:
+        exp = Experiment(name, profile, out=out_dir, preset=preset, overrides=overrides, progress=printer.progress,
+                         subscribers=[printer.engine_event])
+    except UserError as exc:
+        fail(exc)
+    interrupts = 0
+
+    def on_stop_signal(signum, frame):
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_from_terminal()
+        exp.stop()
+
+    def on_interrupt(signum, frame):
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            exp.stop()
+            _say("stopping at the next step with a checkpoint (Ctrl-C again to stop at once)")
+        else:
+            s = exp._session
+            _stop_at_once(s.rundir.path if s is not None else exp.out)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, on_stop_signal)
+    try:
+        with printer:
+            results = exp.run()
+    except UserError as exc:
+        fail(exc)
+    except ExperimentStopped as exc:
+        _say(f"stopped: {exc.run_dir} keeps its checkpoint; run the same command again to resume")
+        raise typer.Exit(130 if interrupts else 0)
+    except NonFiniteError as exc:
+        _say(f"robprune: error: {exc}")
+        raise typer.Exit(exc.exit_code)
+    except OSError as exc:
+        _say(f"robprune: error: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1)
+    if not quiet:
+        print_findings(err, results)
+    if plots if plots is not None else sys.stdout.isatty():
+        try:
+            draw_plots(results, out.width)
+        except Exception as exc:  # the terminal plots are a courtesy: the PNGs are written already
+            _say(f"(terminal plots skipped: {type(exc).__name__}: {exc})")
+    out.print(f"report: {exp.out / 'report.md'}", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,374 @@
+"""Throughput benchmark: the engine's adversarial training step against a reference-style loop.
+
+:func:`run_bench` times, in one process, on the same model, batch and attack:
+
+* **ours** -- :func:`engine.pipeline.adversarial_step`, the very function the engine's loop calls, with the
+  engine's setup for the phase (an :class:`~engine.admm.ADMM` object for ``admm``, :class:`~engine.pruning.MaskedParams`
+  for ``retrain``), the engine's optimizer (:func:`engine.pipeline.make_optimizer`), data as float tensors already
+  on the device, and channels_last / bf16 autocast / torch.compile when asked;
+* **baseline** (``baseline=True``) -- :class:`ReferenceLoop`, written here to follow the habits of the published code
+  (Ye et al. 2019, which builds on the Madry PGD port): an extra natural forward pass every step (for logging natural
+  accuracy), PGD run with the model in train mode, the ADMM penalty ``sum rho/2 ||W - Z + U||^2`` put into the loss
+  over every pruned layer every step, a host sync (``.item()``) every step for logging, projections through numpy,
+  gradients of pruned weights multiplied by float masks every step in retrain, default memory format, default
+  optimizer.
+
+Blocks of ``iters`` steps are timed after ``warmup`` steps, baseline and ours alternating (A B A B ...) so that
+drift of a shared machine hits both alike; the medians are reported. Nothing is printed: the result is a dict.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .admm import ADMM
+from .attacks import evaluate
+from .config import PhaseConfig
+from .models import build_model, prunable_parameters
+from .pipeline import adversarial_step, make_optimizer
+from .pruning import MaskedParams, layer_scheme, n_pruned, project
+
+MODELS = ("lenet", "resnet18", "vgg16", "wrn")
+ATTACKS = ("pgd", "fgsm-rs", "none")
+PHASES = ("pretrain", "admm", "retrain")
+
+# The papers' attack settings per data shape: MNIST eps 0.3, step 0.01; CIFAR-10 eps 8/255, step 2/255.
+MNIST_ATTACK = (0.3, 0.01)
+CIFAR_ATTACK = (8 / 255, 2 / 255)
+
+
+# ------------------------------------------------------------------------------------------------ numpy projections
+
+def numpy_project(weight: torch.Tensor, scheme: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's way of projecting: copy the weight to the host, rank with numpy, copy back.
+
+    Same sets as :func:`engine.pruning.project` (exact counts, stable order among ties), so the two can be
+    checked against each other; returns ``(projected, float mask)`` on the weight's device."""
+    w = weight.detach().cpu().numpy().copy()
+    shape = w.shape
+    if scheme == "irregular":
+        measure = np.abs(w).reshape(-1)
+    else:
+        w2 = w.reshape(shape[0], -1)
+        measure = np.linalg.norm(w2, 2, axis=1 if scheme == "filter" else 0)
+    k = n_pruned(measure.size, ratio)
+    keep = np.ones(measure.size, dtype=bool)
+    keep[np.argsort(measure, kind="stable")[:k]] = False
+    if scheme == "irregular":
+        mask = keep.reshape(shape)
+    elif scheme == "filter":
+        mask = np.broadcast_to(keep.reshape(-1, 1), (shape[0], w.size // max(shape[0], 1))).reshape(shape)
+    else:
+        mask = np.broadcast_to(keep.reshape(1, -1), (shape[0], w.size // max(shape[0], 1))).reshape(shape)
+    w[~mask] = 0
+    dev = weight.device
+    return torch.from_numpy(w).to(dev), torch.from_numpy(mask.astype(np.float32)).to(dev)
+
+
+# ------------------------------------------------------------------------------------------------ reference loop
+
+class ReferenceLoop:
+    """A training step as the published code writes it (see the module docstring)."""
+
+    def __init__(self, model, optimizer, *, kind: str, eps: float, step_size: float, steps: int,
+                 admm: dict | None = None, masks: dict | None = None):
+        self.model, self.optimizer = model, optimizer
+        self.kind, self.eps, self.step_size, self.steps = kind, eps, step_size, steps
+        self.admm = admm      # {"rho": {name: rho}, "Z": {...}, "U": {...}}
+        self.masks = masks    # {name: float mask}
+        self.named = dict(model.named_parameters())
+        self.log: list[tuple[float, float]] = []
+
+    def perturb(self, x, y):
+        """PGD / FGSM-RS with the model as it is (train mode: BatchNorm uses and updates batch statistics)."""
+        if self.kind == "none" or self.eps == 0:
+            return x
+        x_adv = (x + torch.zeros_like(x).uniform_(-self.eps, self.eps)).clamp(0, 1)
+        for _ in range(self.steps if self.kind == "pgd" else 1):
+            x_adv.requires_grad_()
+            with torch.enable_grad():
+                loss = F.cross_entropy(self.model(x_adv), y, reduction="sum")
+            grad = torch.autograd.grad(loss, [x_adv])[0]
+            x_adv = x_adv.detach() + self.step_size * torch.sign(grad.detach())
+            x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps)
+            x_adv = torch.clamp(x_adv, 0, 1)
+        return x_adv.detach()
+
+    def step(self, x, y):
+        model = self.model
+        model.train()
+        nat_out = model(x)                      # natural forward, for the natural accuracy in the log
+        x_adv = self.perturb(x, y)
+        adv_out = model(x_adv)
+        nat_loss = F.cross_entropy(nat_out, y)
+        adv_loss = F.cross_entropy(adv_out, y)
+        loss = adv_loss
+        if self.admm is not None:               # the penalty in the loss, every pruned layer, every step
+            for name, z in self.admm["Z"].items():
+                w = self.named[name]
+                loss = loss + 0.5 * self.admm["rho"][name] * torch.norm(w - z + self.admm["U"][name], p=2) ** 2
+        self.optimizer.zero_grad()
+        loss.backward()
+        if self.masks is not None:
+            with torch.no_grad():
+                for name, m in self.masks.items():
+                    self.named[name].grad *= m
+        self.optimizer.step()
+        self.log.append((nat_loss.item(), adv_loss.item()))  # a host sync every step
+        if len(self.log) > 1000:
+            del self.log[:500]
+        return loss, adv_out
+
+
+# ------------------------------------------------------------------------------------------------ setup helpers
+
+def _input_shape(model: str) -> tuple[int, int]:
+    """(channels, side): MNIST for LeNet, CIFAR-10 for the others."""
+    return (1, 28) if model == "lenet" else (3, 32)
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but no CUDA device is available here")
+    return torch.device(device)
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peak_memory(dev: torch.device) -> dict:
+    if dev.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)), "peak_memory_kind": "cuda_allocated"}
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = rss if platform.system() == "Darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+        return {"peak_memory_bytes": int(rss), "peak_memory_kind": "process_max_rss"}
+    except ImportError:  # pragma: no cover - not on POSIX
+        return {"peak_memory_bytes": None, "peak_memory_kind": "unavailable"}
+
+
+def _pruned_setup(net, ratio: float):
+    params = prunable_parameters(net)
+    ratios = {k: float(ratio) for k in params}
+    schemes = {k: layer_scheme(p, "irregular", "irregular") for k, p in params.items()}
+    return params, ratios, schemes
+
+
+def _step_flops(step) -> int | None:
+    """Floating-point operations of one step: matmuls and convolutions, forward and backward, counted with
+    torch.utils.flop_counter's per-op formulas (its FlopCounterMode's module tracking does not support
+    autograd.grad w.r.t. a leaf, which the attacks use). None where that is not available."""
+    try:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry
+    except ImportError:  # pragma: no cover - another torch
+        return None
+
+    class Count(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            fn = flop_registry.get(func._overloadpacket)
+            if fn is not None:
+                Count.flops += int(fn(*args, **kwargs, out_val=out))
+            return out
+
+    try:
+        with Count():
+            step()
+    except Exception:  # pragma: no cover - counting is a nicety, never a failure
+        return None
+    return Count.flops
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: str = "pgd", steps: int = 40,
+              phase: str = "admm", device: str = "auto", repeats: int = 5, warmup: int = 3, iters: int = 10,
+              baseline: bool = False, ratio: float = 0.9, bf16: bool = False, channels_last: bool = False,
+              compile: bool = False, depth: int = 28, eps: float | None = None, step_size: float | None = None,
+              optimizer: str = "sgd", rho: float = 1e-3, threads: int = 0, eval_batches: int = 1,
+              seed: int = 0) -> dict:
+    """Time adversarial training steps of ``phase`` (and PGD evaluation); see the module docstring.
+
+    Returns a dict: ``train_images_per_s`` (median), ``train_images_per_s_runs``, ``eval_images_per_s``,
+    with ``baseline`` also ``baseline_images_per_s``, ``baseline_images_per_s_runs`` and ``speedup``
+    (ours / baseline), plus ``peak_memory_bytes``, ``device``, ``device_name``, ``torch`` and ``settings``."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    for name, v, lo in (("width", width, 1), ("batch", batch, 1), ("steps", steps, 0), ("repeats", repeats, 1),
+                        ("warmup", warmup, 0), ("iters", iters, 1), ("threads", threads, 0),
+                        ("eval_batches", eval_batches, 0)):
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(dev)
+    in_ch, side = _input_shape(model)
+    d_eps, d_step = MNIST_ATTACK if model == "lenet" else CIFAR_ATTACK
+    eps = d_eps if eps is None else float(eps)
+    step_size = d_step if step_size is None else float(step_size)
+    use_bf16 = bool(bf16) and dev.type == "cuda"  # as in the engine: bf16 autocast is a CUDA feature
+
+    torch.manual_seed(seed)
+    base_net = build_model(model, width, num_classes=10, in_channels=in_ch, image_size=side, depth=depth)
+    gen = torch.Generator().manual_seed(seed)
+    n_pool = 4  # distinct batches, cycled
+    xs = [torch.rand(batch, in_ch, side, side, generator=gen).to(dev) for _ in range(n_pool)]
+    ys = [torch.randint(0, 10, (batch,), generator=gen).to(dev) for _ in range(n_pool)]
+    pc = PhaseConfig(optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 1e-3, momentum=0.9, weight_decay=1e-4)
+
+    # ---- ours: the engine's own setup
+    net = copy.deepcopy(base_net).to(dev)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    params, ratios, schemes = _pruned_setup(net, ratio)
+    admm_state = masked = None
+    if phase == "admm":
+        admm_state = ADMM(params, ratios, schemes, rho)
+    elif phase == "retrain":
+        with torch.no_grad():
+            masks = {}
+            for k, p in params.items():
+                projected, masks[k] = project(p.detach(), schemes[k], ratios[k])
+                p.copy_(projected)
+        masked = MaskedParams(params, masks).attach()
+    opt = make_optimizer(pc, net.parameters(), dev)
+    train_fn = torch.compile(net) if compile else net
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else None
+
+    def ours_step(i: int):
+        return adversarial_step(net, train_fn, opt, xs[i % n_pool], ys[i % n_pool], kind=attack, eps=eps,
+                                step_size=step_size, steps=steps, admm=admm_state, masked=masked,
+                                autocast=autocast, channels_last=channels_last)
+
+    # ---- the reference loop: a second copy of the same initial weights, default format, default optimizer
+    ref_step = None
+    if baseline:
+        rnet = copy.deepcopy(base_net).to(dev)
+        rparams, rratios, rschemes = _pruned_setup(rnet, ratio)
+        radmm = rmasks = None
+        if phase == "admm":
+            radmm = {"rho": {k: rho for k in rparams}, "U": {k: torch.zeros_like(p) for k, p in rparams.items()},
+                     "Z": {k: numpy_project(p, rschemes[k], rratios[k])[0] for k, p in rparams.items()}}
+        elif phase == "retrain":
+            rmasks = {}
+            with torch.no_grad():
+                for k, p in rparams.items():
+                    projected, rmasks[k] = numpy_project(p, rschemes[k], rratios[k])
+                    p.copy_(projected)
+        if optimizer == "sgd":
+            ropt = torch.optim.SGD(rnet.parameters(), pc.lr, momentum=pc.momentum, weight_decay=pc.weight_decay)
+        else:
+            ropt = torch.optim.Adam(rnet.parameters(), pc.lr, weight_decay=pc.weight_decay)
+        ref = ReferenceLoop(rnet, ropt, kind=attack, eps=eps, step_size=step_size, steps=steps, admm=radmm,
+                            masks=rmasks)
+
+        def ref_step(i: int):
+            return ref.step(xs[i % n_pool], ys[i % n_pool])
+
+    def timed_block(step_fn, start: int) -> float:
+        _sync(dev)
+        t0 = time.perf_counter()
+        for i in range(iters):
+            step_fn(start + i)
+        _sync(dev)
+        return batch * iters / (time.perf_counter() - t0)
+
+    try:
+        # warm-up (compilation, allocator, oneDNN primitive caches), not timed
+        for i in range(warmup):
+            if ref_step is not None:
+                ref_step(i)
+            ours_step(i)
+        _sync(dev)
+        ours_runs, ref_runs = [], []
+        for r in range(repeats):  # A B A B ...: drift of the machine hits both alike
+            if ref_step is not None:
+                ref_runs.append(timed_block(ref_step, r * iters))
+            ours_runs.append(timed_block(ours_step, r * iters))
+
+        # ---- PGD evaluation throughput (engine.attacks.evaluate), the model in eval mode
+        eval_runs = []
+        if eval_batches:
+            ex = torch.cat([xs[i % n_pool] for i in range(eval_batches)])
+            ey = torch.cat([ys[i % n_pool] for i in range(eval_batches)])
+            if channels_last and ex.dim() == 4:
+                ex = ex.contiguous(memory_format=torch.channels_last)
+            ctx = autocast if autocast is not None else contextlib.nullcontext()
+            for r in range(max(1, repeats) + 1):
+                _sync(dev)
+                t0 = time.perf_counter()
+                with ctx:
+                    evaluate(net, ex, ey, kind=attack, eps=eps, step_size=step_size, steps=steps, batch_size=batch)
+                _sync(dev)
+                if r:  # the first is a warm-up
+                    eval_runs.append(len(ex) / (time.perf_counter() - t0))
+        flops = _step_flops(lambda: adversarial_step(
+            net, net, opt, xs[0], ys[0], kind=attack, eps=eps, step_size=step_size, steps=steps, admm=admm_state,
+            masked=masked, autocast=autocast, channels_last=channels_last))
+    finally:
+        if masked is not None:
+            masked.detach()
+
+    settings = {"model": model, "width": width, "depth": depth if model == "wrn" else None, "batch": batch,
+                "input_shape": [in_ch, side, side], "attack": attack, "steps": steps, "eps": eps,
+                "step_size": step_size, "phase": phase, "prune_ratio": ratio, "rho": rho, "optimizer": optimizer,
+                "repeats": repeats, "warmup": warmup, "iters": iters, "baseline": baseline, "bf16": use_bf16,
+                "bf16_requested": bool(bf16), "channels_last": channels_last, "compile": compile,
+                "threads": torch.get_num_threads(), "seed": seed, "eval_batches": eval_batches}
+    result = {
+        "train_images_per_s": statistics.median(ours_runs),
+        "train_images_per_s_runs": ours_runs,
+        "eval_images_per_s": statistics.median(eval_runs) if eval_runs else None,
+        "eval_images_per_s_runs": eval_runs,
+    }
+    if flops:
+        result["train_flop_per_step"] = flops
+        result["train_tflop_per_s"] = flops * result["train_images_per_s"] / batch / 1e12
+    if baseline:
+        base = statistics.median(ref_runs)
+        result.update(baseline_images_per_s=base, baseline_images_per_s_runs=ref_runs,
+                      speedup=result["train_images_per_s"] / base,
+                      speedup_runs=[o / b for o, b in zip(ours_runs, ref_runs)])
+    result.update(_peak_memory(dev))
+    result.update(device=str(dev), device_name=_device_name(dev), torch=torch.__version__, settings=settings)
+    return result

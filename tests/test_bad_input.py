@@ -1,0 +1,306 @@
+"""The bad-input corpus: every case runs the real command line (`python -m tui.cli ...`) and must exit with code
+2, print exactly one non-empty line on stderr with no traceback, name the file and the key or what was wrong
+and what was expected -- and lose nothing (no half-made run directory, a resumable one left as it was)."""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.events import StepMetrics
+from engine.session import Session
+from tests.conftest import TINY
+from tests.runproc import ENV, ROOT, one_line_error, robprune
+
+# ----------------------------------------------------------------------------------------------- profiles
+
+BAD_PROFILES = {
+    "toml-unclosed-table": ("[run\nseed = 1\n", ["p.toml:1:5: invalid TOML", "Expected ']'"]),
+    "toml-missing-value": ("[run]\nseed = 1\nname = \n", ["p.toml:3:8: invalid TOML", "Invalid value"]),
+    "unknown-key": ("[run]\nsed = 1\n", ["p.toml: run.sed: expected a known key of [run]", "did you mean 'seed'"]),
+    "unknown-table": ("[rnu]\nseed = 1\n", ["p.toml: rnu: expected a known table", "did you mean 'run'"]),
+    "type-int": ("[run]\nseed = 'x'\n", ["p.toml: run.seed: expected an integer, found 'x'"]),
+    "type-bool": ("[run]\ndeterministic = 1\n", ["p.toml: run.deterministic: expected a boolean, found 1"]),
+    "type-list": ("[phases.retrain]\nmilestones = 3\n",
+                  ["p.toml: phases.retrain.milestones: expected a list of increasing integers >= 0, found 3"]),
+    "negative-eps": ("[attack.train]\neps = -0.1\n", ["p.toml: attack.train.eps: expected a number >= 0",
+                                                     "found -0.1"]),
+    "eps-above-1": ("[attack.eval]\neps = 8\n", ["p.toml: attack.eval.eps: expected a number <= 1", "found 8.0",
+                                                "inputs are in [0, 1]"]),
+    "ratio-1": ("[prune]\nratio = 1.0\n", ["p.toml: prune.ratio: expected a number in [0, 1), found 1.0"]),
+    "ratio-negative": ("[prune]\nratio = -0.2\n", ["p.toml: prune.ratio: expected a number in [0, 1), found -0.2"]),
+    "layer-ratio-1.5": ('[prune.layers]\n"fc1.weight" = 1.5\n',
+                        ["p.toml: prune.layers.fc1.weight: expected a number in [0, 1), found 1.5"]),
+    "negative-steps": ("[attack.train]\nsteps = -5\n", ["p.toml: attack.train.steps: expected an integer >= 1",
+                                                       "found -5"]),
+    "negative-epochs": ("[phases.admm]\nepochs = -1\n", ["p.toml: phases.admm.epochs: expected an integer >= 0",
+                                                        "found -1"]),
+    "zero-batch-size": ("[data]\nbatch_size = 0\n", ["p.toml: data.batch_size: expected an integer >= 1",
+                                                    "found 0"]),
+    "unknown-arch": ("[model]\narch = 'resnet50'\n", ["p.toml: model.arch: expected one of 'lenet', 'vgg16'",
+                                                     "found 'resnet50'"]),
+    "unknown-dataset": ("[data]\nname = 'imagenet'\n", ["p.toml: data.name: expected one of 'mnist-5k'",
+                                                       "found 'imagenet'"]),
+    "unknown-scheme": ("[prune]\nscheme = 'block'\n", ["p.toml: prune.scheme: expected one of 'irregular', "
+                                                      "'filter', 'column'", "found 'block'"]),
+    "unknown-optimizer": ("[phases.admm]\noptimizer = 'adamw'\n", ["p.toml: phases.admm.optimizer",
+                                                                   "found 'adamw'", "did you mean 'adam'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PROFILES))
+def test_bad_profile(tmp_path, case):
+    text, parts = BAD_PROFILES[case]
+    p = tmp_path / "p.toml"
+    p.write_text(text)
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "r"), *parts)
+    assert not (tmp_path / "r").exists()  # nothing half-made
+
+
+BAD_OVERRIDES = {
+    "unknown-key": ("run.sede=1", ["--set: run.sede: expected a known key", "did you mean 'run.seed'"]),
+    "type": ("data.batch_size=abc", ["--set: data.batch_size: expected an integer, found 'abc'"]),
+    "no-equals": ("noequals", ["--set: noequals: expected dotted.key=value"]),
+    "glob-matches-nothing": ("prune.layers.conv9*=0.5",
+                             ['--set: prune.layers."conv9*": expected a layer name or glob matching at least one '
+                              "prunable layer"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OVERRIDES))
+def test_bad_override(tmp_path, case):
+    override, parts = BAD_OVERRIDES[case]
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "r", "--set", override), *parts)
+    assert not (tmp_path / "r").exists()
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+def test_missing_profile_file(tmp_path):
+    one_line_error(robprune("run", tmp_path / "nope.toml"), f"{tmp_path / 'nope.toml'}: no such profile file")
+
+
+def test_profile_is_a_directory(tmp_path):
+    one_line_error(robprune("run", tmp_path), f"{tmp_path}: is a directory, expected a TOML profile file")
+
+
+def test_missing_data_directory(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    r = robprune("run", p, "--run-dir", tmp_path / "r", "--set", "data.name=mnist",
+                 "--set", f"data.root={tmp_path / 'data'}")
+    one_line_error(r, str(tmp_path / "data"), "MNIST not found", "data.download=true")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_init_weights(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "r", "--set", f"run.init={tmp_path / 'w.pt'}"),
+                   f"{tmp_path / 'w.pt'}: no such file")
+
+
+def test_run_dir_not_empty(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("mine")
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "r"),
+                   f"{tmp_path / 'r'}: run directory already exists and is not empty", "resume it")
+    assert (tmp_path / "r" / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run of the tiny profile stopped in its ADMM phase: a resumable run directory to damage in copies."""
+    d = tmp_path_factory.mktemp("stopped")
+    prof = d / "tiny.toml"
+    prof.write_text(TINY)
+    s = Session.new(prof, ["phases.pretrain.epochs=1"], d / "run")
+    s.prepare()
+    s.subscribe(lambda e: s.stop() if isinstance(e, StepMetrics) and e.phase == "admm" and e.step >= 12 else None)
+    s.run()
+    assert s.state == "stopped"
+    return d / "run"
+
+
+@pytest.fixture
+def run_dir(stopped_run, tmp_path):
+    rd = tmp_path / "run"
+    shutil.copytree(stopped_run, rd)
+    return rd
+
+
+def _snapshot(rd: Path) -> dict:
+    return {p.name: p.read_bytes() for p in rd.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def resume_fails(rd: Path, *parts: str) -> str:
+    before = _snapshot(rd)
+    line = one_line_error(robprune("run", "--resume", rd), *parts)
+    assert _snapshot(rd) == before  # nothing changed: the run can still be repaired and resumed
+    return line
+
+
+def test_resume_missing_directory(tmp_path):
+    one_line_error(robprune("run", "--resume", tmp_path / "nope"), f"{tmp_path / 'nope'}: no such run directory")
+
+
+def test_resume_not_a_run_directory(tmp_path):
+    one_line_error(robprune("run", "--resume", tmp_path),
+                   f"{tmp_path / 'profile.toml'}: missing; {tmp_path} is not a robprune run directory")
+
+
+def test_resume_with_a_profile_too(run_dir, tmp_path):
+    one_line_error(robprune("run", tmp_path / "x.toml", "--resume", run_dir),
+                   f"--resume {run_dir}: the profile comes from the run directory", "give no PROFILE or --set")
+
+
+def test_resume_without_checkpoint(run_dir):
+    (run_dir / "checkpoint.pt").unlink()
+    resume_fails(run_dir, f"{run_dir / 'checkpoint.pt'}: no checkpoint to resume from")
+
+
+def test_resume_truncated_checkpoint(run_dir):
+    ck = run_dir / "checkpoint.pt"
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])
+    resume_fails(run_dir, f"{ck}: truncated ({len(data) // 2} bytes; the end of the archive is missing)",
+                 "expected a complete file written by robprune", "best.pt holds an earlier state")
+
+
+def test_resume_corrupt_checkpoint(run_dir):
+    ck = run_dir / "checkpoint.pt"
+    ck.write_bytes(os.urandom(4096))
+    resume_fails(run_dir, f"{ck}: corrupt (4096 bytes; not a torch.save archive)",
+                 "expected a complete file written by robprune")
+
+
+def test_resume_empty_checkpoint(run_dir):
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    resume_fails(run_dir, f"{run_dir / 'checkpoint.pt'}: empty (0 bytes)")
+
+
+class _Evil:
+    """Unpickling this runs a shell command (the classic pickle exploit)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(run_dir, tmp_path):
+    marker = tmp_path / "PWNED"
+    ck = run_dir / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    state["last_eval"] = _Evil(marker)
+    torch.save(state, ck)
+    line = resume_fails(run_dir, f"{ck}: refused to load: it holds a Python object", "system", "could run code",
+                        "expected tensors and plain containers only")
+    assert "weights_only" not in line  # no advice to turn the protection off
+    assert not marker.exists()  # and the code did not run
+
+
+def test_resume_refuses_a_checkpoint_with_a_class_instance(run_dir):
+    ck = run_dir / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    state["extra"] = Path("/etc/passwd")  # any class instance
+    torch.save(state, ck)
+    resume_fails(run_dir, f"{ck}: refused to load: it holds a Python object (pathlib", "could run code")
+
+
+def test_resume_profile_edited_after_the_checkpoint(run_dir):
+    prof = run_dir / "profile.toml"
+    prof.write_text(prof.read_text().replace("[phases.admm]\nepochs = 3", "[phases.admm]\nepochs = 5"))
+    resume_fails(run_dir, f"{prof}: changed after the checkpoint was written (phases.admm.epochs: 3 -> 5)",
+                 "a run resumes with the profile it started with", "undo the edit")
+
+
+def test_resume_profile_edited_into_bad_input(run_dir):
+    prof = run_dir / "profile.toml"
+    prof.write_text(prof.read_text().replace("[phases.admm]\nepochs = 3", "[phases.admm]\nepochs = -3"))
+    resume_fails(run_dir, f"{prof}: phases.admm.epochs: expected an integer >= 0, found -3")
+
+
+def test_resume_run_directory_of_another_format_version(run_dir):
+    meta = run_dir / "meta.json"
+    meta.write_text('{"format": 99, "robprune": "9.0.0"}\n')
+    resume_fails(run_dir, f"{meta}: run directory format 99 (written by robprune 9.0.0), expected format 1",
+                 "use the robprune version that wrote it")
+
+
+def test_resume_checkpoint_of_another_format_version(run_dir):
+    ck = run_dir / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    state["format"] = 2
+    torch.save(state, ck)
+    resume_fails(run_dir, f"{ck}: checkpoint format 2, expected 1", "written by another version of robprune")
+
+
+def test_resume_a_model_file_in_place_of_the_checkpoint(run_dir):
+    ck = run_dir / "checkpoint.pt"
+    torch.save(torch.load(ck, weights_only=True)["model"], ck)
+    resume_fails(run_dir, f"{ck}: not a robprune checkpoint (no format field)")
+
+
+def test_resume_run_directory_in_use(run_dir):
+    """Another process holds the run directory's lock (here: this test process)."""
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        resume_fails(run_dir, f"{run_dir}: in use by another robprune process (pid {os.getpid()})",
+                     "wait for it to finish")
+    finally:
+        os.close(fd)
+
+
+def test_full_disk_while_writing_a_checkpoint(tmp_path):
+    """The real command line, with os.write failing (ENOSPC) from the second checkpoint's temp file on: the
+    failure is injected by this test's launcher, not by anything in robprune."""
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    rd = tmp_path / "r"
+    launcher = textwrap.dedent(f"""
+        import errno, os, sys
+        real_write, temps = os.write, []
+        def write(fd, data):
+            try:
+                target = os.readlink(f"/proc/self/fd/{{fd}}")
+            except OSError:
+                target = ""
+            if ".checkpoint.pt." in os.path.basename(target):
+                if target not in temps:
+                    temps.append(target)
+                if len(temps) > 1:  # the first checkpoint fits, the disk is full for the second
+                    real_write(fd, bytes(data[: len(data) // 2]))
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+        os.write = write
+        sys.argv = ["robprune", "run", {str(p)!r}, "--run-dir", {str(rd)!r}, "-q", "--set", "phases.pretrain.epochs=3"]
+        from tui.cli import main
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                       timeout=300)
+    ck = rd / "checkpoint.pt"
+    one_line_error(r, f"{ck}: cannot write: no space left on device; the previous checkpoint.pt is intact",
+                   f"free some space, then resume the run (robprune run --resume {rd})")
+    state = torch.load(ck, weights_only=True)  # the first checkpoint, whole
+    assert state["phase"] == "pretrain" and state["epoch"] == 1
+    assert not list(rd.glob(".*.tmp"))

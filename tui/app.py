@@ -1,0 +1,216 @@
+"""The robprune dashboard: watch, steer and export a run.
+
+The app gets a backend (an in-process engine session, or a run directory to follow) injected. Records
+arrive from a background thread through ``post_message`` (thread-safe, non-blocking); handlers only
+update a :class:`~tui.state.RunState`; a timer redraws what changed a few times a second.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.widgets import Footer, RichLog
+
+from engine.errors import UserError
+from tui.backend import Backend
+from tui.screens.dialogs import ConfirmQuit, HelpScreen, RhoDialog, SummaryScreen
+from tui.state import RunState
+from tui.widgets.header import RunHeader
+from tui.widgets.layer_table import LayerTable
+from tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
+
+LOG_STYLE = {"error": "bold red", "traceback": "red", "warning": "yellow", "eval": "cyan", "command": "magenta",
+             "checkpoint": "blue", "phase": "bold", "admm": "green", "finished": "bold cyan", "export": "blue"}
+
+LATEST_VALUE_TYPES = frozenset({"step", "layers"})
+
+
+class EngineRecord(Message):
+    """One record from the engine (an event as a dict)."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__()
+        self.record = record
+
+
+class LatestRecord(EngineRecord):
+    """A latest-value record (progress, layer table): a newer one replaces a queued older one of its type."""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, LatestRecord) and message.record.get("type") == self.record.get("type")
+
+
+class RobpruneApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "robprune"
+    BINDINGS = [
+        Binding("p", "toggle_pause", "pause/resume"),
+        Binding("r", "rho", "rho"),
+        Binding("e", "evaluate", "eval"),
+        Binding("c", "checkpoint", "ckpt"),
+        Binding("x", "export", "export"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit_app", "quit"),
+    ]
+
+    PLOT_INTERVAL_S = 1.0  # plots are the costly part of a redraw (plotext is pure Python): at most 1 Hz
+
+    def __init__(self, backend: Backend, *, refresh_hz: float = 4.0, ansi: bool = False) -> None:
+        super().__init__()
+        self.backend = backend
+        self.refresh_hz = refresh_hz
+        self.rs = RunState(name=backend.name, profile=backend.profile, device=backend.device,
+                           run_dir=str(backend.run_dir), phase_epochs=dict(backend.phase_epochs))
+        self._drawn = -1
+        self._plotted = -1
+        self._plot_t = 0.0
+        self._logged = 0
+        self._summary_shown = False
+        self._stopping = False
+        self.exported: list[Path] = []
+        self.ansi = ansi
+
+    # ------------------------------------------------------------------ layout
+    def compose(self) -> ComposeResult:
+        yield RunHeader(id="header")
+        yield LayerTable(id="layers")
+        with Horizontal(id="plots"):
+            yield AccuracyPlot(id="acc-plot")
+            yield ResidualPlot(id="res-plot")
+            yield LossPlot(id="loss-plot")
+        yield RichLog(id="log", wrap=False, max_lines=1000, markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.ansi:
+            self.theme = "textual-ansi"  # the terminal's own 16 colours (e.g. over SSH without COLORTERM)
+        self.title = f"robprune: {self.backend.name}"
+        self.sub_title = str(self.backend.run_dir)
+        self.set_interval(1.0 / self.refresh_hz, self.redraw)
+        self.backend.start(self._post)
+        self.redraw()
+
+    def _post(self, record: dict) -> None:
+        """Called on the engine's (or the follower's) thread: hand over without blocking it."""
+        if self._stopping:
+            return
+        cls = LatestRecord if record.get("type") in LATEST_VALUE_TYPES else EngineRecord
+        self.post_message(cls(record))
+
+    # ------------------------------------------------------------------ records -> state
+    def on_engine_record(self, message: EngineRecord) -> None:
+        self.rs.apply(message.record)
+
+    def on_latest_record(self, message: LatestRecord) -> None:
+        self.rs.apply(message.record)
+
+    # ------------------------------------------------------------------ drawing
+    def redraw(self) -> None:
+        rs = self.rs
+        if self._stopping or (rs.version == self._drawn and self._plotted == rs.version):
+            return
+        self._drawn = rs.version
+        self.query_one(RunHeader).render_state(rs)
+        self.query_one(LayerTable).render_state(rs)
+        now = time.monotonic()
+        if rs.version != self._plotted and (now - self._plot_t >= self.PLOT_INTERVAL_S or not rs.active):
+            self._plotted, self._plot_t = rs.version, now
+            for plot in (AccuracyPlot, ResidualPlot, LossPlot):
+                self.query_one(plot).render_state(rs)
+        log = self.query_one(RichLog)
+        new = rs.log_count - self._logged
+        if new > 0:
+            for t, level, text in list(rs.log)[-min(new, len(rs.log)):]:
+                stamp = time.strftime("%H:%M:%S", time.localtime(t))
+                log.write(Text(f"{stamp} {level:<10} {text}", style=LOG_STYLE.get(level, "")))
+            self._logged = rs.log_count
+        if rs.summary is not None and not self._summary_shown:
+            self._summary_shown = True
+            self.push_screen(SummaryScreen(rs.summary))
+
+    def note(self, level: str, text: str) -> None:
+        self.rs._note(level, text)
+        self.rs.version += 1
+
+    # ------------------------------------------------------------------ actions
+    def _can_command(self) -> bool:
+        if not self.rs.active:
+            self.notify(f"the run is {self.rs.state}; no engine to command", severity="warning")
+            return False
+        return True
+
+    def action_toggle_pause(self) -> None:
+        if self._can_command():
+            self.backend.send("resume" if self.rs.state == "paused" else "pause")
+
+    def action_rho(self) -> None:
+        if not self._can_command():
+            return
+        layer = self.query_one(LayerTable).selected_layer
+        if layer is None and self.backend.layer_names:
+            layer = self.backend.layer_names[0]
+
+        def done(result: dict | None) -> None:
+            if result is not None:
+                self.backend.send("set_rho", value=result["value"], layer=result["layer"],
+                                  multiply=result["multiply"])
+                self.notify(f"rho {'x' if result['multiply'] else '='} {result['value']:g} for "
+                            f"{result['layer'] or 'all layers'}: sent")
+
+        self.push_screen(RhoDialog(layer, self.rs.rho.get(layer) if layer else None), done)
+
+    def action_evaluate(self) -> None:
+        if self._can_command():
+            self.backend.send("eval_now")
+            self.notify("evaluation requested")
+
+    def action_checkpoint(self) -> None:
+        if self._can_command():
+            self.backend.send("checkpoint")
+            self.notify("checkpoint requested")
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_export(self) -> None:
+        self._export()
+
+    @work(thread=True, exclusive=True, group="export")
+    def _export(self) -> None:
+        from engine.summary import export_run
+
+        try:
+            paths = export_run(self.backend.run_dir)
+        except UserError as exc:
+            self.call_from_thread(self.notify, f"export failed: {exc}", severity="error", timeout=8)
+            return
+        except Exception as exc:  # never let an export kill the dashboard
+            self.call_from_thread(self.notify, f"export failed: {type(exc).__name__}: {exc}", severity="error")
+            return
+        self.exported = paths
+        where = Path(paths[0]).parent
+        self.call_from_thread(self.notify, f"exported to {where}: " + ", ".join(p.name for p in paths), timeout=10)
+
+    def action_quit_app(self) -> None:
+        if self.backend.owns_run and self.rs.active and self.backend.alive:
+            self.push_screen(ConfirmQuit(), lambda yes: self._stop_and_exit() if yes else None)
+        else:
+            self._stop_and_exit()
+
+    @work(thread=True, exclusive=True, group="quit")
+    def _stop_and_exit(self) -> None:
+        self.call_from_thread(self.notify, "stopping: checkpoint, then exit ...")
+        self.backend.shutdown()
+        self._stopping = True
+        self.call_from_thread(self.exit)
+
+    def on_unmount(self) -> None:
+        # whatever ended the app (q, ctrl+c, an exception), leave no engine thread behind
+        self._stopping = True
+        self.backend.shutdown()

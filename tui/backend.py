@@ -1,0 +1,161 @@
+"""Where the dashboard's records come from and where its commands go.
+
+- :class:`SessionBackend`: an engine in this process (a :class:`engine.session.Session` on its thread);
+  records are the engine's events as dicts, commands go through its thread-safe queue.
+- :class:`AttachBackend`: a run started elsewhere (``robprune run`` under nohup or tmux). Records are read
+  by following the run directory's ``metrics.jsonl`` and ``events.jsonl``; commands are appended to its
+  ``commands.jsonl``, which the engine polls at step boundaries.
+
+Both call ``post(record)`` from a background thread; the app turns that into a thread-safe message.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+from engine.control import send_to_run_dir
+from engine.errors import UserError
+
+Post = Callable[[dict], None]
+
+
+class Backend:
+    name = ""
+    profile = ""
+    device = ""
+    run_dir: Path
+    phase_epochs: dict[str, int] = {}
+    owns_run = False  # quitting stops the run only when the run lives in this process
+    layer_names: list[str] = []
+
+    def start(self, post: Post) -> None:
+        raise NotImplementedError
+
+    def send(self, command: str, **args) -> None:
+        raise NotImplementedError
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        raise NotImplementedError
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+
+class SessionBackend(Backend):
+    owns_run = True
+
+    def __init__(self, session) -> None:
+        self.session = session
+        cfg = session.cfg
+        self.name, self.profile = cfg.name, cfg.source
+        self.run_dir = session.rundir.path
+        self.device = str(getattr(session.engine, "device", cfg.run.device))
+        self.phase_epochs = {p: getattr(cfg.phases, p).epochs for p in ("pretrain", "admm", "retrain")}
+        self.layer_names = list(getattr(session.engine, "params", {}) or [])
+        self._unsub = None
+
+    def start(self, post: Post) -> None:
+        self._unsub = self.session.subscribe(lambda e: post(e.to_dict()))
+        if not self.session.alive and self.session.thread is None:
+            self.session.start()
+
+    def send(self, command: str, **args) -> None:
+        self.session.control.send(command, **args)
+
+    @property
+    def alive(self) -> bool:
+        return self.session.alive
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop the engine (it checkpoints first) and wait for its thread; release a paused engine too."""
+        if self.session.alive:
+            self.session.stop()
+            self.session.join(timeout)
+        if self._unsub is not None:
+            self._unsub()
+            self._unsub = None
+
+
+class _Follower:
+    """Follows a growing JSONL file: complete lines only, from the start."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self.offset:  # rewritten (a resume truncates metrics.jsonl): read again from the start
+            self.offset, self.partial = 0, b""
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = self.partial + f.read(size - self.offset)
+        self.offset = size
+        *lines, self.partial = data.split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+
+class AttachBackend(Backend):
+    owns_run = False
+
+    def __init__(self, run_dir: str | Path, poll_s: float = 0.25) -> None:
+        self.run_dir = Path(run_dir)
+        prof = self.run_dir / "profile.toml"
+        if not prof.is_file():
+            raise UserError(f"{prof}: missing; {self.run_dir} is not a robprune run directory")
+        try:
+            cfg = tomllib.loads(prof.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise UserError(f"{prof}: unreadable ({exc})") from None
+        self.name = cfg.get("run", {}).get("name") or self.run_dir.name
+        self.profile = str(prof)
+        self.device = f"{cfg.get('run', {}).get('device', '?')} (attached)"
+        phases = cfg.get("phases", {})
+        self.phase_epochs = {p: int(phases.get(p, {}).get("epochs", 0)) for p in ("pretrain", "admm", "retrain")}
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._files = [_Follower(self.run_dir / "metrics.jsonl"), _Follower(self.run_dir / "events.jsonl")]
+
+    def start(self, post: Post) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                recs = [r for f in self._files for r in f.read()]
+                recs.sort(key=lambda r: r.get("t", 0.0))
+                for r in recs:
+                    if r.get("type") == "layers" and not self.layer_names:
+                        self.layer_names = [L["name"] for L in r["layers"]]
+                    post(r)
+                self._stop.wait(self.poll_s)
+
+        self._thread = threading.Thread(target=loop, name="robprune-attach", daemon=True)
+        self._thread.start()
+
+    def send(self, command: str, **args) -> None:
+        send_to_run_dir(self.run_dir, command, **args)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop following; the run itself goes on."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,200 @@
+"""What the dashboard knows about a run, built only from event records (dicts, as in the JSONL files).
+
+The same records arrive from an in-process engine (``Event.to_dict()``) or from following a run
+directory's ``metrics.jsonl`` / ``events.jsonl``, so a live run, an attached run and a finished run all
+render through this one class. It holds no widgets and is tested on its own.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+PHASES = ("pretrain", "admm", "retrain")
+MAX_POINTS = 2000  # per plotted series: enough for days at the default emission interval, bounded memory
+MAX_LOG = 500
+
+
+@dataclass
+class RunState:
+    name: str = ""
+    profile: str = ""
+    device: str = ""
+    run_dir: str = ""
+    phase_epochs: dict[str, int] = field(default_factory=dict)  # from the profile, for the run's ETA
+    state: str = "starting"  # starting | running | paused | finished | stopped | error
+    phase: str = "-"
+    epoch: int = 0
+    epochs: int = 0
+    batch: int = 0
+    batches: int = 0
+    step: int = 0
+    images_per_s: float = 0.0
+    loss: float | None = None
+    lr: float | None = None
+    train_adv_acc: float | None = None
+    last_eval: dict | None = None
+    layers: list[dict] = field(default_factory=list)
+    residuals: dict = field(default_factory=dict)  # layer -> {primal, dual, rho}
+    rho: dict[str, float] = field(default_factory=dict)
+    summary: dict | None = None
+    error: str | None = None
+    version: int = 0  # bumped on every change; widgets redraw when it moved
+    log_count: int = 0  # log lines ever noted (the log deque keeps the last MAX_LOG)
+    # series for the plots: (x, y) pairs, x = global step
+    train_acc: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    eval_nat: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    eval_adv: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    loss_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    lr_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    primal_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    dual_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    log: deque = field(default_factory=lambda: deque(maxlen=MAX_LOG))
+    _rate: deque = field(default_factory=lambda: deque(maxlen=30))  # (t, step) for the ETA
+
+    # ------------------------------------------------------------------ ingest
+    def apply(self, r: dict) -> None:
+        kind = r.get("type")
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is not None:
+            handler(r)
+        self.version += 1
+
+    def _note(self, level: str, text: str, t: float | None = None) -> None:
+        self.log.append((t or time.time(), level, text))
+        self.log_count += 1
+
+    def _on_step(self, r: dict) -> None:
+        if self.state in ("starting",):
+            self.state = "running"
+        self.phase, self.epoch, self.epochs = r["phase"], r["epoch"], r["epochs"]
+        self.batch, self.batches, self.step = r["batch"], r["batches"], r["step"]
+        self.images_per_s, self.loss, self.lr, self.train_adv_acc = r["images_per_s"], r["loss"], r["lr"], r["adv_acc"]
+        self.train_acc.append((self.step, 100 * r["adv_acc"]))
+        self.loss_series.append((self.step, r["loss"]))
+        self.lr_series.append((self.step, r["lr"]))
+        self._rate.append((r["t"], self.step))
+
+    def _on_eval(self, r: dict) -> None:
+        self.last_eval = r
+        self.eval_nat.append((r["step"], 100 * r["nat_acc"]))
+        self.eval_adv.append((r["step"], 100 * r["adv_acc"]))
+        a = r["attack"]
+        self._note("eval", f"eval ({r['reason']}) {r['phase']} epoch {r['epoch']}: natural {100 * r['nat_acc']:.2f}%, "
+                           f"{a['kind'].upper()}-{a['steps']} {100 * r['adv_acc']:.2f}% (n={r['n']})", r["t"])
+
+    def _on_layers(self, r: dict) -> None:
+        self.layers = r["layers"]
+        for L in self.layers:
+            if L.get("rho") is not None:
+                self.rho[L["name"]] = L["rho"]
+
+    def _on_residuals(self, r: dict) -> None:
+        self.residuals = r["layers"]
+        if not self.residuals:
+            return
+        n = len(self.residuals)
+        primal = sum(v["primal"] for v in self.residuals.values()) / n
+        dual = sum(v["dual"] for v in self.residuals.values()) / n
+        self.primal_series.append((r["step"], primal))
+        if r["update"] > 0:
+            self.dual_series.append((r["step"], dual))
+        self.rho.update({k: v["rho"] for k, v in self.residuals.items()})
+
+    def _on_phase(self, r: dict) -> None:
+        if r["phase"] != "admm" and not r.get("skipped"):
+            self.residuals, self.rho = {}, {}  # no ADMM state outside its phase: columns show "--"
+        self.phase = r["phase"]
+        self.epochs = r["epochs"]
+        self.epoch = 0
+        self.batch = 0
+        if self.state == "starting":
+            self.state = "running"
+        self._note("phase", f"phase {r['phase']}" + (" skipped (0 epochs)" if r.get("skipped") else
+                                                     f": {r['epochs']} epochs"), r["t"])
+
+    def _on_log(self, r: dict) -> None:
+        self._note(r["level"], r["message"], r["t"])
+
+    def _on_pause(self, r: dict) -> None:
+        self.state = "paused"
+        self._note("command", f"paused at step {r['step']}", r["t"])
+
+    def _on_resume(self, r: dict) -> None:
+        self.state = "running"
+        self._rate.clear()
+        self._note("command", f"resumed at step {r['step']}", r["t"])
+
+    def _on_set_rho(self, r: dict) -> None:
+        if r.get("rho"):
+            self.rho.update(r["rho"])
+        what = f"x{r['value']:g}" if r.get("multiply") else f"= {r['value']:g}"
+        where = r.get("layer") or "all layers"
+        self._note("command", f"rho {what} for {where}" + (" (applies when ADMM starts)" if r.get("pending") else ""),
+                   r["t"])
+
+    def _on_eval_now(self, r: dict) -> None:
+        self._note("command", f"evaluation requested at step {r['step']}", r["t"])
+
+    def _on_checkpoint_now(self, r: dict) -> None:
+        self._note("command", f"checkpoint requested at step {r['step']}", r["t"])
+
+    def _on_stop(self, r: dict) -> None:
+        self._note("command", f"stop requested at step {r['step']}", r["t"])
+
+    def _on_checkpoint(self, r: dict) -> None:
+        self._note("checkpoint", f"checkpoint ({r['reason']}) at step {r['step']}: {r['path']}", r["t"])
+
+    def _on_export(self, r: dict) -> None:
+        self._note("export", "exported: " + ", ".join(r.get("paths", [])), r["t"])
+
+    def _on_finished(self, r: dict) -> None:
+        self.state = "finished" if r["status"] == "completed" else "stopped"
+        if r.get("summary"):
+            self.summary = r["summary"]
+        self._note("finished", f"run {r['status']}", r["t"])
+
+    def _on_error(self, r: dict) -> None:
+        self.state = "error"
+        self.error = r["message"]
+        self._note("error", r["message"], r["t"])
+        for line in r.get("traceback", "").rstrip().splitlines():
+            self._note("traceback", line, r["t"])
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def active(self) -> bool:
+        return self.state in ("starting", "running", "paused")
+
+    def steps_per_s(self) -> float | None:
+        if len(self._rate) < 2:
+            return None
+        (t0, s0), (t1, s1) = self._rate[0], self._rate[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    def eta(self) -> tuple[float | None, float | None]:
+        """Seconds left in this phase and in the whole run (training steps only), at the recent step rate."""
+        rate = self.steps_per_s()
+        if rate is None or not self.batches or self.state not in ("running", "paused"):
+            return None, None
+        left_phase = max(self.epochs * self.batches - (self.epoch * self.batches + self.batch), 0)
+        later = 0
+        if self.phase in PHASES:
+            for p in PHASES[PHASES.index(self.phase) + 1:]:
+                later += self.phase_epochs.get(p, 0) * self.batches
+        return left_phase / rate, (left_phase + later) / rate
+
+    def sparsity(self) -> float | None:
+        tot = sum(L["numel"] for L in self.layers)
+        return sum(L["zeros"] for L in self.layers) / tot if tot else None
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "--"
+    s = int(s)
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s"
