@@ -49,34 +49,21 @@ class CommandFile:
     Only lines appended after the file was opened count (old commands from an earlier run are skipped)."""
 
     def __init__(self, path: str | Path, poll_interval_s: float = 0.2) -> None:
+        from .rundir import JsonlTail
+
         self.path = Path(path)
         self.poll_interval_s = poll_interval_s
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        self._tail = JsonlTail(self.path, from_end=True)
         self._next = 0.0
-        self._partial = b""
 
     def poll(self, force: bool = False) -> list[Command]:
         now = time.monotonic()
         if not force and now < self._next:
             return []
         self._next = now + self.poll_interval_s
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size < self._offset:  # replaced or truncated: start over
-            self._offset = 0
-        if size == self._offset:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            data = self._partial + f.read(size - self._offset)
-        self._offset = size
-        *lines, self._partial = data.split(b"\n")
         out = []
-        for line in lines:
+        for rec in self._tail.read():
             try:
-                rec = json.loads(line)
                 out.append(Command(rec["command"], dict(rec.get("args") or {})))
             except (ValueError, KeyError, TypeError):
                 continue  # a malformed line from outside never stops the run

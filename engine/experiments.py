@@ -38,7 +38,7 @@ import platform
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -550,6 +550,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# keys that do not change a run's numbers: a finished run made with other values of these is still reused
+NOT_COMPARED = ("run.threads", "run.log_interval_s", "run.checkpoint_every", "data.root")
+
+
 def _check_same_settings(rd: RunDir, text: str) -> None:
     """An existing run directory must hold the run the experiment would start now."""
     current = rd.profile.read_text(encoding="utf-8")
@@ -559,7 +563,8 @@ def _check_same_settings(rd: RunDir, text: str) -> None:
         old, new = _flat(tomllib.loads(current)), _flat(tomllib.loads(text))
     except tomllib.TOMLDecodeError:
         old, new = {"profile.toml": "?"}, {}
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k, "<missing>") != new.get(k, "<missing>")]
+    diff = [k for k in sorted(set(old) | set(new))
+            if old.get(k, "<missing>") != new.get(k, "<missing>") and k not in NOT_COMPARED]
     if not diff:
         return
     k = diff[0]
@@ -1007,7 +1012,8 @@ def report_lottery(e: Experiment) -> dict:
     if not ok_mild:
         why.append(f"the lottery ticket is {gap[mild]:.2f} PGD points behind at the mildest ratio")
     if len(smalls) > 1 and not ok_hard:
-        why.append(f"it is only {gap[hard]:+.2f} points behind at the highest ratio")
+        why.append(f"it is {-gap[hard]:.2f} points ahead of ADMM pruning at the highest ratio" if gap[hard] < 0 else
+                   f"it is only {gap[hard]:.2f} points behind at the highest ratio")
     t.detail = "; ".join(parts) + ("" if t.held else " — " + " and ".join(why))
     t.note = (_prune_note(e, big, hard) + f" The lottery ticket is the original initial weights of the dense w={big} "
               f"run times the ADMM-pruned model's mask (its zero pattern), trained for {_n(p['train_epochs'], 'epoch')} with "
@@ -1243,57 +1249,55 @@ def runs_csv(r: dict) -> str:
 
 
 def render_png(plot: dict, path: Path) -> None:
-    """Draw one plot spec (the same specs the CLI draws in the terminal with plotext) as a PNG with matplotlib."""
-    import matplotlib
+    """Draw one plot spec (the same specs the CLI draws in the terminal with plotext) as a PNG with matplotlib's
+    Agg canvas (imported here, not at module import; pyplot and its global backend are not touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from .rundir import atomic_write_bytes
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    try:
-        kind = plot["kind"]
-        if kind == "line":
-            for label, ys in plot["series"].items():
-                ax.plot([str(v) for v in plot["x"]], ys, marker="o", label=label)
-        elif kind == "bar":
-            n = len(plot["series"])
-            width = 0.8 / max(n, 1)
-            for k, (label, ys) in enumerate(plot["series"].items()):
-                ax.bar([i + (k - (n - 1) / 2) * width for i in range(len(plot["x"]))], ys, width, label=label)
-            ax.set_xticks(range(len(plot["x"])), [str(v) for v in plot["x"]])
-        elif kind == "hist":
-            xs = plot["x"]
-            step = (xs[1] - xs[0]) if len(xs) > 1 else 1.0
-            for label, ys in plot["series"].items():
-                ax.bar(xs, ys, width=step, alpha=0.5, label=label)
-        elif kind == "matrix":
-            m = plot["matrix"]
-            im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100)
-            ax.set_xticks(range(len(plot["xlabels"])), plot["xlabels"], rotation=45, ha="right", fontsize=7)
-            ax.set_yticks(range(len(plot["ylabels"])), plot["ylabels"], fontsize=7)
-            for i, row in enumerate(m):
-                for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if v < 50 else "black", fontweight="bold" if i == j else "normal")
-            fig.colorbar(im, ax=ax, label="PGD accuracy %")
-        else:
-            raise ValueError(f"unknown plot kind {kind!r}")
-        ax.set_title(plot["title"])
-        if plot.get("xlabel"):
-            ax.set_xlabel(plot["xlabel"])
-        if plot.get("ylabel"):
-            ax.set_ylabel(plot["ylabel"])
-        if kind != "matrix":
-            ax.legend(fontsize=8)
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        from .rundir import atomic_write_bytes
-
-        atomic_write_bytes(path, buf.getvalue())
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    kind = plot["kind"]
+    if kind == "line":
+        for label, ys in plot["series"].items():
+            ax.plot([str(v) for v in plot["x"]], ys, marker="o", label=label)
+    elif kind == "bar":
+        n = len(plot["series"])
+        width = 0.8 / max(n, 1)
+        for k, (label, ys) in enumerate(plot["series"].items()):
+            ax.bar([i + (k - (n - 1) / 2) * width for i in range(len(plot["x"]))], ys, width, label=label)
+        ax.set_xticks(range(len(plot["x"])), [str(v) for v in plot["x"]])
+    elif kind == "hist":
+        xs = plot["x"]
+        step = (xs[1] - xs[0]) if len(xs) > 1 else 1.0
+        for label, ys in plot["series"].items():
+            ax.bar(xs, ys, width=step, alpha=0.5, label=label)
+    elif kind == "matrix":
+        m = plot["matrix"]
+        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100)
+        ax.set_xticks(range(len(plot["xlabels"])), plot["xlabels"], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(len(plot["ylabels"])), plot["ylabels"], fontsize=7)
+        for i, row in enumerate(m):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 50 else "black", fontweight="bold" if i == j else "normal")
+        fig.colorbar(im, ax=ax, label="PGD accuracy %")
+    else:
+        raise ValueError(f"unknown plot kind {kind!r}")
+    ax.set_title(plot["title"])
+    if plot.get("xlabel"):
+        ax.set_xlabel(plot["xlabel"])
+    if plot.get("ylabel"):
+        ax.set_ylabel(plot["ylabel"])
+    if kind != "matrix":
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run_experiment(name: str, profile: str | Path, **kw) -> dict:

@@ -253,6 +253,7 @@ class Engine:
         self.bus.emit(PhaseChange(phase=name, index=index, epochs=pc.epochs, step=self.step))
         if not resumed:
             self._begin_phase(name, pc)
+            self._emit_layers()  # the layer table is filled from the phase's first moment (after a hard prune too)
         t0 = time.monotonic()
         try:
             while self.epoch < pc.epochs:

@@ -318,6 +318,41 @@ class RunDir:
         atomic_write_bytes(self.metrics, b"".join(kept))
 
 
+class JsonlTail:
+    """Follows a JSONL file that another thread or process appends to: each :meth:`read` returns the
+    complete new lines as dicts (a torn last line waits for its end; malformed lines are skipped). A file
+    that shrank (rewritten, e.g. metrics.jsonl truncated by a resume) is read again from its start."""
+
+    def __init__(self, path: str | Path, *, from_end: bool = False) -> None:
+        self.path = Path(path)
+        self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
+        self.partial = b""
+
+    def read(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self.offset:
+            self.offset, self.partial = 0, b""
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = self.partial + f.read(size - self.offset)
+        self.offset = size
+        *lines, self.partial = data.split(b"\n")
+        out = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     out = []
     p = Path(path)

@@ -369,3 +369,10 @@ def test_cli_experiment(done, base):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("robprune: error: --set: exp.widht:"), r.stderr
+
+
+def test_engine_imports_no_ui_or_plotting_libraries():
+    code = ("import sys, engine.experiments; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'textual', 'plotext', 'matplotlib'}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

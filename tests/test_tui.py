@@ -209,3 +209,40 @@ def test_finished_run_shows_summary_panel_export_and_quit(tmp_path):
     asyncio.run(scenario())
     assert not engine_threads()
     assert app.return_code in (0, None)
+
+
+def test_resumed_run_shows_its_history(tmp_path):
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(TINY)
+    s = Session.new(prof, ["phases.admm.epochs=50"], tmp_path / "run")
+    s.prepare()
+    s.subscribe(lambda e: s.stop() if getattr(e, "type", "") == "eval" and e.phase == "admm" else None)
+    s.run()
+    assert s.state == "stopped"
+    evals_before = sum(1 for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["type"] == "eval")
+    r = Session.resume(tmp_path / "run", on_nonfinite="pause")
+    r.prepare()
+    app = RobpruneApp(SessionBackend(r), refresh_hz=10)
+
+    async def scenario():
+        async with app.run_test(size=(100, 30)) as pilot:
+            # the history arrives before the engine's first new step: earlier evaluations and phases
+            await until(lambda: len(app.rs.eval_adv) >= evals_before, what="history replayed")
+            assert any("phase pretrain" in text for _, _, text in app.rs.log)
+            await pilot.press("q")
+            await pilot.pause()
+            await pilot.press("y")
+            await until(lambda: not r.alive, what="engine stopped")
+
+    asyncio.run(scenario())
+    assert not engine_threads()
+
+
+def test_tui_bad_input_is_one_line_exit_2(tmp_path):
+    for args, part in ((["nope.toml"], "nope.toml"), (["--attach", str(tmp_path)], "not a robprune run directory"),
+                       ([], "exactly one of PROFILE")):
+        r = subprocess.run([sys.executable, "-m", "tui.main", *args], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "COLUMNS": "200"})
+        assert r.returncode == 2, (args, r.stderr)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and part in lines[0] and "Traceback" not in r.stderr, r.stderr

@@ -10,7 +10,6 @@ Both call ``post(record)`` from a background thread; the app turns that into a t
 """
 from __future__ import annotations
 
-import json
 import threading
 import tomllib
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Callable
 
 from engine.control import send_to_run_dir
 from engine.errors import UserError
+from engine.rundir import JsonlTail
 
 Post = Callable[[dict], None]
 
@@ -59,6 +59,12 @@ class SessionBackend(Backend):
         self._unsub = None
 
     def start(self, post: Post) -> None:
+        if self.session.thread is None and self.session.engine.resume_state is not None:
+            # a resumed run: show its history first (the engine has not started, so nothing interleaves)
+            recs = [r for name in ("metrics.jsonl", "events.jsonl")
+                    for r in JsonlTail(self.run_dir / name).read()]
+            for r in sorted(recs, key=lambda r: r.get("t", 0.0)):
+                post(r)
         self._unsub = self.session.subscribe(lambda e: post(e.to_dict()))
         if not self.session.alive and self.session.thread is None:
             self.session.start()
@@ -78,37 +84,6 @@ class SessionBackend(Backend):
         if self._unsub is not None:
             self._unsub()
             self._unsub = None
-
-
-class _Follower:
-    """Follows a growing JSONL file: complete lines only, from the start."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.partial = b""
-
-    def read(self) -> list[dict]:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size < self.offset:  # rewritten (a resume truncates metrics.jsonl): read again from the start
-            self.offset, self.partial = 0, b""
-        if size == self.offset:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = self.partial + f.read(size - self.offset)
-        self.offset = size
-        *lines, self.partial = data.split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-        return out
 
 
 class AttachBackend(Backend):
@@ -131,7 +106,7 @@ class AttachBackend(Backend):
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._files = [_Follower(self.run_dir / "metrics.jsonl"), _Follower(self.run_dir / "events.jsonl")]
+        self._files = [JsonlTail(self.run_dir / "metrics.jsonl"), JsonlTail(self.run_dir / "events.jsonl")]
 
     def start(self, post: Post) -> None:
         def loop() -> None:
