@@ -376,3 +376,10 @@ def test_engine_imports_no_ui_or_plotting_libraries():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'textual', 'plotext', 'matplotlib'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+def test_settings_that_do_not_change_numbers_do_not_block_reuse(done, base):
+    out, _, _ = done["lottery"]
+    results = Experiment("lottery", base, out=out, preset="tiny",
+                         overrides=["run.threads=2", "run.log_interval_s=0.5"]).run()
+    assert {r["status"] for r in results["runs"].values()} == {"reused"}

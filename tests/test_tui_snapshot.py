@@ -106,7 +106,7 @@ def test_layout_snapshot(tmp_path, utc, size):
     metrics, events = fixed_records()
     n_checkpoints = sum(1 for e in events if e["type"] == "checkpoint")
 
-    def settled() -> bool:  # step records may be merged (latest value wins); the others all arrive
+    def settled() -> bool:  # layer records may be merged (latest value wins); the others all arrive
         rs = app.rs
         return (rs.step == 315 and len(rs.eval_adv) == 5 and len(rs.primal_series) == 3
                 and sum(1 for _, lvl, _ in rs.log if lvl == "checkpoint") == n_checkpoints

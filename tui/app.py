@@ -28,7 +28,9 @@ from tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
 LOG_STYLE = {"error": "bold red", "traceback": "red", "warning": "yellow", "eval": "cyan", "command": "magenta",
              "checkpoint": "blue", "phase": "bold", "admm": "green", "finished": "bold cyan", "export": "blue"}
 
-LATEST_VALUE_TYPES = frozenset({"step", "layers"})
+# Only the layer table is a pure latest-value panel. Step records also feed the plots, and the engine bounds
+# their rate by time (run.log_interval_s), so each one is kept: the plots do not depend on the UI's speed.
+LATEST_VALUE_TYPES = frozenset({"layers"})
 
 
 class EngineRecord(Message):

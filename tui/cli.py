@@ -231,15 +231,21 @@ def experiment_cmd(
             _detach_from_terminal()
         exp.stop()
 
-    def on_interrupt(signum, frame):
+    def on_interrupt(signum, frame):  # the first stops the current run with a checkpoint, a second at once
         nonlocal interrupts
         interrupts += 1
-        if interrupts == 1:
+        if interrupts == 1 and exp._session is not None:
             exp.stop()
-            _say("stopping at the next step with a checkpoint (Ctrl-C again to stop at once)")
-        else:
-            s = exp._session
-            _stop_at_once(s.rundir.path if s is not None else exp.out)
+            _say("stopping the current run at the next step with a checkpoint (Ctrl-C again to stop at once)")
+            return
+        try:  # between runs or while the report is written: nothing to checkpoint (every write is atomic)
+            if os.isatty(2):
+                os.write(2, b"\x1b[?25h")
+            os.write(2, b"\nrobprune: stopped; run the same command again to resume (finished runs are reused, an "
+                        b"unfinished one resumes from its last checkpoint)\n")
+        except OSError:
+            pass
+        os._exit(130)
 
     signal.signal(signal.SIGINT, on_interrupt)
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
@@ -267,6 +273,41 @@ def experiment_cmd(
         except Exception as exc:  # the terminal plots are a courtesy: the PNGs are written already
             _say(f"(terminal plots skipped: {type(exc).__name__}: {exc})")
     out.print(f"report: {exp.out / 'report.md'}", highlight=False)
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option("lenet", "--model", help="lenet (MNIST shape) | resnet18 | vgg16 | wrn (CIFAR shape)."),
+    width: int = typer.Option(4, "--width", help="Width (16 = standard size; the widen factor k for wrn)."),
+    batch: int = typer.Option(128, "--batch", help="Batch size."),
+    attack: str = typer.Option("pgd", "--attack", help="pgd | fgsm-rs | none."),
+    steps: int = typer.Option(40, "--steps", help="Attack steps."),
+    phase: str = typer.Option("admm", "--phase", help="pretrain | admm (with the penalty) | retrain (with masks)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    repeats: int = typer.Option(5, "--repeats", help="Timed blocks per path (the median is reported)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed steps per path first."),
+    iters: int = typer.Option(10, "--iters", help="Steps per timed block."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also time the reference-style loop, interleaved."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA only, as in the engine)."),
+    channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and data."),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
+    depth: int = typer.Option(28, "--depth", help="WRN depth."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0 = torch's default)."),
+    ratio: float = typer.Option(0.9, "--ratio", help="Pruning ratio of every prunable layer."),
+    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam."),
+    eval_batches: int = typer.Option(1, "--eval-batches", help="Batches in the PGD evaluation timing (0 = skip)."),
+) -> None:
+    """Time adversarial training steps (and PGD evaluation); print one JSON object."""
+    from engine.bench import run_bench
+
+    try:
+        result = run_bench(model=model, width=width, batch=batch, attack=attack, steps=steps, phase=phase,
+                           device=device, repeats=repeats, warmup=warmup, iters=iters, baseline=baseline,
+                           ratio=ratio, bf16=bf16, channels_last=channels_last, compile=compile_, depth=depth,
+                           threads=threads, optimizer=optimizer, eval_batches=eval_batches)
+    except (ValueError, UserError) as exc:
+        fail(exc)
+    print(json.dumps(result), flush=True)
 
 
 def main() -> None:

@@ -1,0 +1,329 @@
+"""The fast paths compute what a plain loop computes (within float tolerance), and the benchmark runs.
+
+* the attack's fx rewrite of the model (conv+BN folding, ReLU/max-pool swap, channels_last on the CPU) gives the
+  model's logits and input gradients, and PGD through it gives the adversarial examples of a plain eval-mode PGD;
+* the ADMM penalty added as a gradient equals autograd through the penalty in the loss;
+* a masked step equals a plain step followed by masking;
+* the engine's projections equal numpy-based ones;
+* the benchmark's reference loop trains like ours (same loss, same update) when nothing differs but its habits;
+* ``robprune bench`` prints one JSON object with the expected keys.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.attacks as attacks
+from engine.admm import ADMM
+from engine.bench import ReferenceLoop, numpy_project, run_bench
+from engine.config import PhaseConfig
+from engine.models import build_model, prunable_parameters
+from engine.pipeline import adversarial_step, make_optimizer
+from engine.pruning import MaskedParams, apply_masks_, layer_scheme, project
+
+ARCHS = [("lenet", 2, 1, 28), ("vgg16", 1, 3, 32), ("resnet18", 2, 3, 32), ("wrn", 1, 3, 32)]
+
+
+def _model(arch, width, ch, side, seed=0):
+    torch.manual_seed(seed)
+    m = build_model(arch, width, in_channels=ch, image_size=side, depth=10)
+    m.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for _ in range(3):
+            m(torch.rand(16, ch, side, side))
+    return m
+
+
+def _data(n, ch, side, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, ch, side, side, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _logits_and_grad(f, x, y):
+    xa = x.clone().requires_grad_(True)
+    out = f(xa)
+    (g,) = torch.autograd.grad(F.cross_entropy(out, y, reduction="sum"), xa)
+    return out.detach(), g
+
+
+def plain_pgd(model, x, y, *, eps, step_size, steps):
+    """Madry PGD written plainly: model in eval mode, random start, signed steps, projection."""
+    was = model.training
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        xa = x_adv.detach().requires_grad_(True)
+        loss = F.cross_entropy(model(xa), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, xa)
+        x_adv = torch.min(torch.max(xa.detach() + step_size * g.sign(), x - eps), x + eps).clamp(0, 1)
+    model.train(was)
+    return x_adv.detach()
+
+
+# ------------------------------------------------------------------------------------------------ the attack's model
+
+@pytest.mark.parametrize("arch,width,ch,side", ARCHS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attack_model_same_logits_and_input_gradients(arch, width, ch, side, channels_last):
+    m = _model(arch, width, ch, side)
+    x, y = _data(16, ch, side)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    m.eval()
+    fast = attacks.attack_model(m)
+    assert fast is not m  # every model of the registry is rewritten
+    o0, g0 = _logits_and_grad(m, x, y)
+    o1, g1 = _logits_and_grad(fast, x, y)
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5 * g0.abs().max().item())
+    assert fast(x).shape == m(x).shape
+
+
+def test_attack_model_follows_the_weights():
+    """The folded weights are read again at every call: training between attacks is seen."""
+    m = _model("resnet18", 1, 3, 32)
+    x, y = _data(8, 3, 32)
+    m.eval()
+    attacks.attack_model(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.add_(0.1)
+                mod.running_var.mul_(1.5)
+    o0, _ = _logits_and_grad(m, x, y)
+    o1, _ = _logits_and_grad(attacks.attack_model(m), x, y)
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-5)
+
+
+def test_attack_model_only_in_eval_mode_and_switchable(monkeypatch):
+    m = _model("vgg16", 1, 3, 32)
+    m.train()
+    assert attacks.attack_model(m) is m  # folding BN is only valid with running statistics
+    m.eval()
+    monkeypatch.setattr(attacks, "FAST_ATTACK", False)
+    assert attacks.attack_model(m) is m
+
+
+def test_relu_maxpool_swap_is_exact():
+    """LeNet has no BatchNorm: with the same memory format, the rewrite's logits and input gradients are
+    bit-for-bit those of the model (max-pool then ReLU equals ReLU then max-pool, ties included)."""
+    m = _model("lenet", 2, 1, 28).to(memory_format=torch.channels_last).eval()
+    x, y = _data(16, 1, 28)
+    x = torch.where(x < 0.3, torch.zeros_like(x), x)  # ties: many exact zeros
+    fast = attacks.attack_model(m)
+    names = [str(n.target) for n in fast.graph.nodes]
+    assert names.index("pool") < names.index(next(t for t in names if "relu" in t))
+    o0, g0 = _logits_and_grad(m, x, y)
+    o1, g1 = _logits_and_grad(fast, x, y)
+    assert torch.equal(o0, o1)
+    assert torch.equal(g0, g1)
+
+
+def test_pgd_plain_path_is_the_plain_loop(monkeypatch):
+    """With the rewrite off, the engine's PGD (in-place projection) is bit-for-bit a plain PGD loop."""
+    monkeypatch.setattr(attacks, "FAST_ATTACK", False)
+    for arch, width, ch, side in ARCHS[:3]:
+        m = _model(arch, width, ch, side)
+        x, y = _data(16, ch, side)
+        torch.manual_seed(5)
+        ours = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+        torch.manual_seed(5)
+        ref = plain_pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+        assert torch.equal(ours, ref), arch
+        assert m.training  # mode restored
+
+
+@pytest.mark.parametrize("arch,width,ch,side", ARCHS)
+def test_pgd_fast_path_same_adversarial_examples(arch, width, ch, side):
+    """Same RNG seed, ours (fast path) vs a plain eval-mode PGD: the same adversarial examples. Folding BN
+    changes float rounding, and sign() turns a rounding-level change of a near-zero gradient entry into a
+    different step for that pixel, so a few pixels may differ; the attack's strength does not."""
+    m = _model(arch, width, ch, side)
+    x, y = _data(32, ch, side)
+    torch.manual_seed(7)
+    ours = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+    torch.manual_seed(7)
+    ref = plain_pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+    same = (ours == ref).float().mean().item()
+    assert same >= 0.98, same
+    assert (ours - x).abs().max() <= 0.1 + 1e-6 and ours.min() >= 0 and ours.max() <= 1
+    m.eval()
+    with torch.no_grad():
+        l_ours = F.cross_entropy(m(ours), y).item()
+        l_ref = F.cross_entropy(m(ref), y).item()
+    assert l_ours == pytest.approx(l_ref, rel=0.02, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ ADMM and masks
+
+def _admm_setup(m, rho=0.5):
+    params = prunable_parameters(m)
+    ratios = {k: 0.8 for k in params}
+    schemes = {k: layer_scheme(p, "irregular", "irregular") for k, p in params.items()}
+    admm = ADMM(params, ratios, schemes, rho)
+    with torch.no_grad():  # a non-zero U and a rho per layer, as after some updates
+        for i, k in enumerate(admm.U):
+            admm.U[k].normal_(0, 0.01)
+            admm.rho[k] = rho * (i + 1)
+    return params, admm
+
+
+def test_penalty_gradient_equals_autograd_of_penalty():
+    m = _model("resnet18", 1, 3, 32)
+    params, admm = _admm_setup(m)
+    x, y = _data(8, 3, 32)
+    F.cross_entropy(m(x), y).backward()
+    base = {k: p.grad.clone() for k, p in params.items()}
+    admm.add_penalty_grad()
+    fast = {k: p.grad.clone() for k, p in params.items()}
+    grads = torch.autograd.grad(admm.penalty(), list(admm.params.values()))
+    for (k, g) in zip(admm.params, grads):
+        torch.testing.assert_close(fast[k], base[k] + g, rtol=1e-5, atol=1e-7)
+
+
+def test_adversarial_step_with_admm_equals_plain_loop():
+    """adversarial_step (penalty as a gradient, fast attack) against a plain loop (plain PGD in eval mode, the
+    penalty in the loss): same loss, same weights after the update."""
+    m = _model("lenet", 2, 1, 28)
+    ref = copy.deepcopy(m)
+    _, admm = _admm_setup(m)
+    rparams = prunable_parameters(ref)
+    x, y = _data(16, 1, 28)
+    pc = PhaseConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
+    opt = make_optimizer(pc, m.parameters(), torch.device("cpu"))
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        loss, _ = adversarial_step(m, m, opt, x, y, kind="pgd", eps=0.2, step_size=0.05, steps=4, admm=admm)
+        torch.manual_seed(100 + step)
+        xa = plain_pgd(ref, x, y, eps=0.2, step_size=0.05, steps=4)
+        ref.train()
+        rloss = F.cross_entropy(ref(xa), y)
+        total = rloss + sum(admm.rho[k] / 2 * (rparams[k] - admm.Z[k] + admm.U[k]).pow(2).sum() for k in admm.Z)
+        ropt.zero_grad()
+        total.backward()
+        ropt.step()
+        assert loss.item() == pytest.approx(rloss.item(), rel=1e-5)
+        for (k, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_masked_step_equals_plain_step_then_masking():
+    m = _model("resnet18", 2, 3, 32)
+    ref = copy.deepcopy(m)
+    params, rparams = prunable_parameters(m), prunable_parameters(ref)
+    masks = {}
+    with torch.no_grad():
+        for k, p in params.items():
+            projected, masks[k] = project(p, "irregular", 0.7)
+            p.copy_(projected)
+            rparams[k].copy_(projected)
+    masked = MaskedParams(params, masks).attach()
+    x, y = _data(8, 3, 32)
+    pc = PhaseConfig(optimizer="adam", lr=1e-2, weight_decay=1e-4)
+    opt = make_optimizer(pc, m.parameters(), torch.device("cpu"))
+    ropt = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=1e-4)
+    try:
+        for step in range(3):
+            torch.manual_seed(step)
+            xa = attacks.pgd(m, x, y, eps=0.05, step_size=0.02, steps=2)
+            # ours: hooks mask the gradients, after_step re-applies the masks
+            adversarial_step(m, m, opt, xa, y, kind="none", eps=0.0, step_size=0.0, steps=0, masked=masked)
+            # plain: an unmasked step, then masking
+            ref.train()
+            ropt.zero_grad()
+            F.cross_entropy(ref(xa), y).backward()
+            ropt.step()
+            apply_masks_(rparams, masks)
+            for (k, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+                if k in masks:  # the kept weights move alike; the pruned ones are exactly zero in both
+                    torch.testing.assert_close(p[masks[k]], q[masks[k]], rtol=1e-5, atol=1e-6, msg=k)
+                    assert not p[~masks[k]].any() and not q[~masks[k]].any()
+                else:
+                    torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+    finally:
+        masked.detach()
+
+
+@pytest.mark.parametrize("scheme", ["irregular", "filter", "column"])
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.75, 0.9])
+def test_projection_equals_numpy_projection(scheme, ratio):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(16, 8, 3, 3), (10, 40), (8, 1, 5, 5)]:
+        w = torch.randn(shape, generator=g)
+        w[0] = 0.0  # ties at zero
+        w.view(-1)[5:25] = 0.125  # ties away from zero
+        projected, mask = project(w, scheme, ratio)
+        np_projected, np_mask = numpy_project(w, scheme, ratio)
+        assert torch.equal(projected, np_projected), (shape, scheme, ratio)
+        assert torch.equal(mask, np_mask.bool()), (shape, scheme, ratio)
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+def test_reference_loop_trains_like_ours_without_its_habits():
+    """On LeNet (no BatchNorm, so train-mode PGD is eval-mode PGD) the reference loop's step -- extra natural
+    forward, penalty in the loss, .item() -- reaches the same loss and weights as adversarial_step."""
+    m = _model("lenet", 1, 1, 28)
+    ref = copy.deepcopy(m)
+    _, admm = _admm_setup(m, rho=0.3)
+    radmm = {"rho": dict(admm.rho), "Z": {k: z.clone() for k, z in admm.Z.items()},
+             "U": {k: u.clone() for k, u in admm.U.items()}}
+    opt = make_optimizer(PhaseConfig(optimizer="sgd", lr=0.05), m.parameters(), torch.device("cpu"))
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    loop = ReferenceLoop(ref, ropt, kind="pgd", eps=0.2, step_size=0.05, steps=3, admm=radmm)
+    x, y = _data(16, 1, 28)
+    for step in range(2):
+        torch.manual_seed(step)
+        loss, _ = adversarial_step(m, m, opt, x, y, kind="pgd", eps=0.2, step_size=0.05, steps=3, admm=admm)
+        torch.manual_seed(step)
+        loop.step(x, y)
+        assert loss.item() == pytest.approx(loop.log[-1][1], rel=1e-5)
+        for (k, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+
+
+RESULT_KEYS = {"train_images_per_s", "train_images_per_s_runs", "eval_images_per_s", "peak_memory_bytes",
+               "device", "device_name", "torch", "settings"}
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "admm", "retrain"])
+def test_run_bench_phases(phase):
+    r = run_bench(model="resnet18", width=1, batch=4, steps=1, phase=phase, device="cpu", repeats=2, warmup=1,
+                  iters=1, baseline=True, eval_batches=1)
+    assert RESULT_KEYS <= set(r)
+    assert len(r["train_images_per_s_runs"]) == 2 and len(r["baseline_images_per_s_runs"]) == 2
+    assert r["speedup"] == pytest.approx(r["train_images_per_s"] / r["baseline_images_per_s"])
+    assert r["settings"]["phase"] == phase and r["settings"]["input_shape"] == [3, 32, 32]
+
+
+def test_run_bench_rejects_bad_settings():
+    with pytest.raises(ValueError, match="model"):
+        run_bench(model="resnet50")
+    with pytest.raises(ValueError, match="channels_last"):
+        run_bench(model="resnet18", width=1, device="cpu", channels_last=True)
+
+
+def test_cli_bench_prints_one_json_object():
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    r = subprocess.run([sys.executable, "-m", "tui.cli", "bench", "--model", "lenet", "--width", "1", "--batch", "8",
+                        "--steps", "2", "--repeats", "1", "--warmup", "1", "--iters", "1", "--baseline"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert RESULT_KEYS | {"baseline_images_per_s", "speedup"} <= set(out)
+    s = out["settings"]
+    assert (s["model"], s["width"], s["batch"], s["steps"], s["phase"], s["attack"]) == ("lenet", 1, 8, 2, "admm", "pgd")
+    assert out["train_images_per_s"] > 0 and out["baseline_images_per_s"] > 0 and out["peak_memory_bytes"] > 0
