@@ -8,6 +8,10 @@ from textual.widgets import DataTable
 from tui.state import RunState
 
 COLUMNS = ("layer", "shape", "params", "target", "sparsity", "<thr", "primal", "rho")
+# Columns whose values change during a run get a fixed width (wide enough for a bar and for _num's 7 characters), so the
+# layout does not depend on which value a row happened to hold when it was first drawn. The others are sized
+# from their content, which never changes after the row is added.
+FIXED_WIDTHS = {"target": 6, "sparsity": 12, "<thr": 12, "primal": 7, "rho": 7}
 
 
 def bar(frac: float | None, width: int = 6) -> Text:
@@ -22,6 +26,13 @@ def bar(frac: float | None, width: int = 6) -> Text:
     return t
 
 
+def _num(x: float | None) -> str:
+    """At most 7 characters: 3 significant digits in the usual range, else one decimal in e-notation."""
+    if x is None:
+        return "--"
+    return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.1e}"
+
+
 def _short(name: str) -> str:
     return name[:-7] if name.endswith(".weight") else name
 
@@ -31,7 +42,7 @@ class LayerTable(DataTable):
         self.cursor_type = "row"
         self.zebra_stripes = False
         for c in COLUMNS:
-            self.add_column(c, key=c)
+            self.add_column(c, key=c, width=FIXED_WIDTHS.get(c))
 
     @property
     def selected_layer(self) -> str | None:
@@ -52,7 +63,7 @@ class LayerTable(DataTable):
             cells = (
                 _short(name), "x".join(map(str, L["shape"])), f"{L['numel']:,}", f"{100 * L['target']:.1f}%",
                 bar(L["sparsity"]), bar(L.get("at_or_below")),
-                "--" if primal is None else f"{primal:.3g}", "--" if rho is None else f"{rho:.3g}",
+                _num(primal), _num(rho),
             )
             if name in self.rows:
                 for c, v in zip(COLUMNS, cells):
