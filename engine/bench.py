@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .admm import ADMM
 from .attacks import evaluate
 from .config import PhaseConfig
-from .models import build_model, prunable_parameters
+from .models import build_model, cpu_channels_last_hazard, prunable_parameters
 from .pipeline import adversarial_step, make_optimizer
 from .pruning import MaskedParams, layer_scheme, n_pruned, project
 
@@ -210,16 +210,6 @@ def _step_flops(step) -> int | None:
     return Count.flops
 
 
-def _cpu_channels_last_hazard(net) -> str | None:
-    """The name of a conv whose weight gradient crashes torch 2.14's CPU channels_last path (oneDNN): a 1x1
-    convolution with stride > 1 and 2 to 7 input channels corrupts the heap (ResNet-18 width 1's shortcut)."""
-    for name, m in net.named_modules():
-        if (isinstance(m, torch.nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
-                and 2 <= m.in_channels <= 7):
-            return name
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: str = "pgd", steps: int = 40,
@@ -260,10 +250,11 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
 
     torch.manual_seed(seed)
     base_net = build_model(model, width, num_classes=10, in_channels=in_ch, image_size=side, depth=depth)
-    if channels_last and dev.type == "cpu" and _cpu_channels_last_hazard(base_net):
+    hazard = cpu_channels_last_hazard(base_net) if channels_last and dev.type == "cpu" else None
+    if hazard:
         raise ValueError(f"channels_last on the CPU crashes torch {torch.__version__} for {model} width {width} "
-                         f"(the weight gradient of the 1x1 stride-2 conv {_cpu_channels_last_hazard(base_net)} "
-                         "with fewer than 8 input channels); use a width >= 2 or leave channels_last off")
+                         f"(the weight gradient of the 1x1 stride-2 conv {hazard} with fewer than 8 input "
+                         "channels); use a width >= 2 or leave channels_last off")
     gen = torch.Generator().manual_seed(seed)
     n_pool = 4  # distinct batches, cycled
     xs = [torch.rand(batch, in_ch, side, side, generator=gen).to(dev) for _ in range(n_pool)]

@@ -236,3 +236,13 @@ class WideResNet(nn.Module):
 @register("wrn")
 def wrn(width: int, *, num_classes: int = 10, in_channels: int = 1, depth: int = 28, **_: object) -> nn.Module:
     return WideResNet(depth, width, num_classes, in_channels)
+
+
+def cpu_channels_last_hazard(model: nn.Module) -> str | None:
+    """The name of a conv whose weight gradient crashes torch 2.14's CPU channels_last path (oneDNN corrupts the
+    heap): a 1x1 convolution with stride > 1 and 2 to 7 input channels, such as ResNet-18 width 1's shortcuts."""
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
+                and 2 <= m.in_channels <= 7):
+            return name
+    return None

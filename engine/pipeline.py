@@ -29,7 +29,7 @@ from .control import Command, Control
 from .errors import ConfigError, NonFiniteError, UserError
 from .events import (CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished, LayerStats,
                      LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
-from .models import build_model, prunable_parameters
+from .models import build_model, cpu_channels_last_hazard, prunable_parameters
 from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_targets
 from .rundir import RunDir, atomic_torch_save, safe_torch_load
 from .summary import build_summary, write_summary
@@ -170,6 +170,12 @@ class Engine:
                                  in_channels=spec.in_channels, image_size=spec.image_size,
                                  depth=cfg.model.depth, source=cfg.source).to(self.device)
         if cfg.run.channels_last:
+            hazard = cpu_channels_last_hazard(self.model) if self.device.type == "cpu" else None
+            if hazard:
+                raise ConfigError(cfg.origin("run.channels_last"), "run.channels_last",
+                                  f"false for {cfg.model.arch} width {cfg.model.width} on the CPU", True,
+                                  hint=f"torch {torch.__version__} crashes in the weight gradient of the 1x1 "
+                                       f"stride-2 conv {hazard} with fewer than 8 input channels in channels_last")
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.run.init and self.resume_state is None:
             self._load_init(cfg.run.init)

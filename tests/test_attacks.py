@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import attacks
 from engine import data as data_mod
 from engine.attacks import attack, evaluate, fgsm_rs, pgd
 from engine.models import build_model
@@ -78,11 +79,23 @@ def _reference_pgd(model, x, y, eps, step_size, steps):
     return xa.detach()
 
 
-def test_pgd_matches_reference_without_random_start(trained_lenet):
+def test_pgd_matches_reference_without_random_start(trained_lenet, monkeypatch):
+    """With the attack's model rewrite off, our PGD is the reference's, pixel for pixel. With it on, the
+    space-to-depth first layer changes float rounding (logits within 1e-7); where two values of a pooling window
+    are within rounding of each other the other one can win, which sends that window's gradient to other pixels
+    (0.014% of the signs of the first step here), and the difference grows over the steps. Nearly every pixel is
+    the same, and the attack's strength is."""
     model, x, y = trained_lenet
-    ours = pgd(model, x[:64], y[:64], eps=0.2, step_size=0.03, steps=7, random_start=False)
     ref = _reference_pgd(model, x[:64], y[:64], 0.2, 0.03, 7)
-    assert torch.allclose(ours, ref, atol=1e-6)
+    fast = pgd(model, x[:64], y[:64], eps=0.2, step_size=0.03, steps=7, random_start=False)
+    monkeypatch.setattr(attacks, "FAST_ATTACK", False)
+    plain = pgd(model, x[:64], y[:64], eps=0.2, step_size=0.03, steps=7, random_start=False)
+    assert torch.allclose(plain, ref, atol=1e-6)
+    same = (fast - ref).abs().le(1e-6).float().mean().item()
+    assert same >= 0.95, same
+    with torch.no_grad():
+        l_fast, l_ref = (F.cross_entropy(model(a), y[:64]).item() for a in (fast, ref))
+    assert l_fast == pytest.approx(l_ref, rel=0.02)
 
 
 def test_attack_runs_model_in_eval_mode_and_restores_mode():

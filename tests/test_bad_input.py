@@ -50,6 +50,9 @@ BAD_PROFILES = {
                                                        "found 'imagenet'"]),
     "unknown-scheme": ("[prune]\nscheme = 'block'\n", ["p.toml: prune.scheme: expected one of 'irregular', "
                                                       "'filter', 'column'", "found 'block'"]),
+    "channels-last-crash": ("[model]\narch = 'resnet18'\nwidth = 1\n[run]\ndevice = 'cpu'\nchannels_last = true\n",
+                            ["p.toml: run.channels_last: expected false for resnet18 width 1 on the CPU, found True",
+                             "1x1 stride-2 conv layer2.0.shortcut.0"]),
     "unknown-optimizer": ("[phases.admm]\noptimizer = 'adamw'\n", ["p.toml: phases.admm.optimizer",
                                                                    "found 'adamw'", "did you mean 'adam'"]),
 }

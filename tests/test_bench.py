@@ -1,7 +1,7 @@
 """The fast paths compute what a plain loop computes (within float tolerance), and the benchmark runs.
 
-* the attack's fx rewrite of the model (conv+BN folding, ReLU/max-pool swap, channels_last on the CPU) gives the
-  model's logits and input gradients, and PGD through it gives the adversarial examples of a plain eval-mode PGD;
+* the attack's fx rewrite of the model (conv+BN folding, ReLU/max-pool swap, channels_last and space-to-depth
+  conv + max-pool on the CPU, in-place ReLUs) gives the model's logits and input gradients, and PGD through it gives the adversarial examples of a plain eval-mode PGD;
 * the ADMM penalty added as a gradient equals autograd through the penalty in the loss;
 * a masked step equals a plain step followed by masking;
 * the engine's projections equal numpy-based ones;
@@ -114,19 +114,90 @@ def test_attack_model_only_in_eval_mode_and_switchable(monkeypatch):
     assert attacks.attack_model(m) is m
 
 
-def test_relu_maxpool_swap_is_exact():
-    """LeNet has no BatchNorm: with the same memory format, the rewrite's logits and input gradients are
-    bit-for-bit those of the model (max-pool then ReLU equals ReLU then max-pool, ties included)."""
+def test_relu_maxpool_swap_is_exact(monkeypatch):
+    """LeNet has no BatchNorm: with the same memory format and space-to-depth off, the rewrite's logits and input
+    gradients are bit-for-bit those of the model (max-pool then ReLU equals ReLU then max-pool, ties included)."""
+    monkeypatch.setattr(attacks, "S2D_MAX_IN_CHANNELS", 0)
     m = _model("lenet", 2, 1, 28).to(memory_format=torch.channels_last).eval()
     x, y = _data(16, 1, 28)
     x = torch.where(x < 0.3, torch.zeros_like(x), x)  # ties: many exact zeros
     fast = attacks.attack_model(m)
     names = [str(n.target) for n in fast.graph.nodes]
-    assert names.index("pool") < names.index(next(t for t in names if "relu" in t))
+    assert names.count("pool") == 2 and not any("conv_pool" in t for t in names)
+    assert names.index("pool") < names.index(next(t for t in names[names.index("pool"):] if "relu" in t))
     o0, g0 = _logits_and_grad(m, x, y)
     o1, g1 = _logits_and_grad(fast, x, y)
     assert torch.equal(o0, o1)
     assert torch.equal(g0, g1)
+
+
+def _conv_pool_modules(fast):
+    return [m for m in fast.modules() if type(m) is attacks._AttackConvPool]
+
+
+@pytest.mark.parametrize("side", [28, 27])
+def test_space_to_depth_conv_pool(side):
+    """An MNIST LeNet's first conv + 2x2 max-pool runs space-to-depth on the CPU: the same logits and input
+    gradients as the model, with ties (runs of exact zeros) and on odd sizes (where it falls back)."""
+    m = _model("lenet", 2, 1, side).eval()
+    x, y = _data(16, 1, side)
+    x = torch.where(x < 0.4, torch.zeros_like(x), x)
+    fast = attacks.attack_model(m)
+    (cp,) = _conv_pool_modules(fast)  # conv1 only: conv2 has 4 input channels
+    assert cp.conv.pair[0] is m.conv1 and cp.weight is not None and cp.weight.shape == (4 * 4, 4, 3, 3)
+    o0, g0 = _logits_and_grad(m, x, y)
+    o1, g1 = _logits_and_grad(fast, x, y)
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+
+
+def test_space_to_depth_keeps_max_pools_rule_for_ties():
+    """All-zero images: every output of the first conv equals its bias exactly, so every pooling window is a
+    four-way tie. max_pool2d gives the gradient to the window's first (top-left) position; so must the
+    space-to-depth path, or the input gradient would land on other pixels."""
+    m = _model("lenet", 2, 1, 28).eval()
+    with torch.no_grad():
+        m.conv1.bias.copy_(torch.linspace(0.1, 0.4, m.conv1.out_channels))  # > 0: the ReLU passes gradients
+    x = torch.zeros(8, 1, 28, 28)
+    y = torch.arange(8) % 10
+    fast = attacks.attack_model(m)
+    assert len(_conv_pool_modules(fast)) == 1
+    _, g0 = _logits_and_grad(m, x, y)
+    _, g1 = _logits_and_grad(fast, x, y)
+    assert g0.abs().sum() > 0
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+
+
+def test_space_to_depth_only_where_it_pays(monkeypatch):
+    """Three input channels (CIFAR) keep the plain conv; with the switch at 0 no layer is rearranged; with it at
+    8 both of LeNet's conv + pool pairs are, and the result is still the model's."""
+    assert _conv_pool_modules(attacks.attack_model(_model("lenet", 2, 3, 32).eval())) == []
+    monkeypatch.setattr(attacks, "S2D_MAX_IN_CHANNELS", 0)
+    assert _conv_pool_modules(attacks.attack_model(_model("lenet", 2, 1, 28).eval())) == []
+    monkeypatch.setattr(attacks, "S2D_MAX_IN_CHANNELS", 8)
+    m = _model("lenet", 2, 1, 28).eval()
+    fast = attacks.attack_model(m)
+    assert [cp.conv.pair[0] for cp in _conv_pool_modules(fast)] == [m.conv1, m.conv2]
+    x, y = _data(16, 1, 28)
+    o0, g0 = _logits_and_grad(m, x, y)
+    o1, g1 = _logits_and_grad(fast, x, y)
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+
+
+def test_inplace_relus_leave_the_model_alone():
+    """The rewrite's in-place ReLUs act on its own fresh tensors: ResNet's block outputs use relu_, the
+    model's parameters and buffers are untouched by an attack, and two calls give the same result."""
+    m = _model("resnet18", 2, 3, 32).eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fast = attacks.attack_model(m)
+    assert sum(1 for n in fast.graph.nodes if n.target is torch.relu_) >= 9  # stem + 2 per block
+    x, y = _data(8, 3, 32)
+    o1, g1 = _logits_and_grad(fast, x, y)
+    o2, g2 = _logits_and_grad(fast, x, y)
+    assert torch.equal(o1, o2) and torch.equal(g1, g2)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_pgd_plain_path_is_the_plain_loop(monkeypatch):
