@@ -131,6 +131,14 @@ def test_relu_maxpool_swap_is_exact(monkeypatch):
     assert torch.equal(g0, g1)
 
 
+def _assert_same_logits_and_grads(model, fast, x, y):
+    o0, g0 = _logits_and_grad(model, x, y)
+    o1, g1 = _logits_and_grad(fast, x, y)
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+    return g0
+
+
 def _conv_pool_modules(fast):
     return [m for m in fast.modules() if type(m) is attacks._AttackConvPool]
 
@@ -145,10 +153,7 @@ def test_space_to_depth_conv_pool(side):
     fast = attacks.attack_model(m)
     (cp,) = _conv_pool_modules(fast)  # conv1 only: conv2 has 4 input channels
     assert cp.conv.pair[0] is m.conv1 and cp.weight is not None and cp.weight.shape == (4 * 4, 4, 3, 3)
-    o0, g0 = _logits_and_grad(m, x, y)
-    o1, g1 = _logits_and_grad(fast, x, y)
-    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+    _assert_same_logits_and_grads(m, fast, x, y)
 
 
 def test_space_to_depth_keeps_max_pools_rule_for_ties():
@@ -162,10 +167,8 @@ def test_space_to_depth_keeps_max_pools_rule_for_ties():
     y = torch.arange(8) % 10
     fast = attacks.attack_model(m)
     assert len(_conv_pool_modules(fast)) == 1
-    _, g0 = _logits_and_grad(m, x, y)
-    _, g1 = _logits_and_grad(fast, x, y)
+    g0 = _assert_same_logits_and_grads(m, fast, x, y)
     assert g0.abs().sum() > 0
-    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
 
 
 def test_space_to_depth_only_where_it_pays(monkeypatch):
@@ -179,10 +182,7 @@ def test_space_to_depth_only_where_it_pays(monkeypatch):
     fast = attacks.attack_model(m)
     assert [cp.conv.pair[0] for cp in _conv_pool_modules(fast)] == [m.conv1, m.conv2]
     x, y = _data(16, 1, 28)
-    o0, g0 = _logits_and_grad(m, x, y)
-    o1, g1 = _logits_and_grad(fast, x, y)
-    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6 * g0.abs().max().item())
+    _assert_same_logits_and_grads(m, fast, x, y)
 
 
 def test_inplace_relus_leave_the_model_alone():
