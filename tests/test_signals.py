@@ -123,3 +123,21 @@ def test_second_ctrl_c_stops_at_once_and_the_run_directory_is_locked_meanwhile(t
     assert "Traceback" not in err
     ev = records(rd / "events.jsonl")
     assert not any(e["type"] == "finished" for e in ev)  # it did not wait for the graceful stop
+
+
+def test_sigterm_stops_an_experiment_with_a_checkpoint_and_a_rerun_resumes(tmp_path, short_profile):
+    out = tmp_path / "exp"
+    first = out / "runs" / "adv-w2"
+    p = spawn("experiment", "lottery", short_profile, "--out", out, "--preset", "tiny", "--no-plots")
+    wait_for(training(first), p)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert f"stopped: {first} keeps its checkpoint; run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert (first / "checkpoint.pt").is_file() and not (first / "model.pt").exists()
+    r = robprune("experiment", "lottery", short_profile, "--out", out, "--preset", "tiny", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert {n: x["status"] for n, x in results["runs"].items()} == {
+        "adv-w2": "resumed", "lottery-w2-to-w1": "trained", "admm-w2-to-w1": "trained"}

@@ -69,11 +69,6 @@ def run(
     session.subscribe(printer)
     interrupts = 0
 
-    def on_stop_signal(signum, frame):  # SIGTERM / SIGHUP: stop at the next step boundary with a checkpoint
-        if signum == getattr(signal, "SIGHUP", None):
-            _detach_from_terminal()
-        session.stop()
-
     def on_interrupt(signum, frame):  # Ctrl-C: the first stops with a checkpoint, a second at once
         nonlocal interrupts
         interrupts += 1
@@ -83,10 +78,7 @@ def run(
         else:
             _stop_at_once(session.rundir.path)
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, on_stop_signal)
+    _install_signal_handlers(session.stop, on_interrupt)
     try:
         with printer:
             session.start()
@@ -117,6 +109,20 @@ def _say(msg: str) -> None:
         err.print(msg, markup=False, highlight=False, soft_wrap=True)
     except OSError:
         pass
+
+
+def _install_signal_handlers(stop, on_interrupt) -> None:
+    """SIGINT calls ``on_interrupt``; SIGTERM and SIGHUP call ``stop`` (the run stops at the next step boundary
+    with a checkpoint), a hang-up after detaching from the terminal that went away."""
+    def on_stop_signal(signum, frame):
+        if signum == getattr(signal, "SIGHUP", None):
+            _detach_from_terminal()
+        stop()
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, on_stop_signal)
 
 
 def _detach_from_terminal(always: bool = False) -> None:
@@ -226,11 +232,6 @@ def experiment_cmd(
         fail(exc)
     interrupts = 0
 
-    def on_stop_signal(signum, frame):
-        if signum == getattr(signal, "SIGHUP", None):
-            _detach_from_terminal()
-        exp.stop()
-
     def on_interrupt(signum, frame):  # the first stops the current run with a checkpoint, a second at once
         nonlocal interrupts
         interrupts += 1
@@ -247,10 +248,7 @@ def experiment_cmd(
             pass
         os._exit(130)
 
-    signal.signal(signal.SIGINT, on_interrupt)
-    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, on_stop_signal)
+    _install_signal_handlers(exp.stop, on_interrupt)
     try:
         with printer:
             results = exp.run()
