@@ -105,6 +105,17 @@ def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float,
     return loss, out
 
 
+def _set_cuda_rng_state(saved, device: torch.device) -> None:
+    """Restore the generator of the run's GPU from a checkpoint: one state (this format), or one per GPU that was
+    visible when it was written (older checkpoints) -- then the run's GPU's own, where it was among them."""
+    if isinstance(saved, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
+
+
 class Engine:
     """One run of the pipeline. Build it, then call :meth:`run` (blocking).
 
@@ -540,8 +551,8 @@ class Engine:
             kind, keys, pos, has_gauss, cached = np.random.get_state()
             rng["numpy"] = {"kind": str(kind), "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
                             "cached_gaussian": float(cached)}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":  # the run's own GPU only: a resume may see other or fewer GPUs
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "format": CHECKPOINT_FORMAT,
             "profile": self.rundir.profile.read_text(encoding="utf-8") if self.rundir.profile.exists() else "",
@@ -612,7 +623,7 @@ class Engine:
                                  n["cached_gaussian"]))
         torch.set_rng_state(st["rng"]["torch"])
         if "cuda" in st["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+            _set_cuda_rng_state(st["rng"]["cuda"], self.device)
         self.log("info", f"resumed at phase {name}, epoch {self.epoch}, batch {self.batch}, step {self.step}")
         if self.epoch >= pc.epochs:  # the checkpoint was taken at this phase's end
             return self.phase_index + 1

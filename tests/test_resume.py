@@ -206,3 +206,19 @@ def test_lock_is_released_when_a_session_ends(tmp_path):
     s.prepare()
     s.run()
     Session.resume(tmp_path / "r").rundir.close()  # free again
+
+
+def test_cuda_rng_restore_uses_the_runs_own_gpu(monkeypatch):
+    """A checkpoint holds the generator state of the run's GPU; older ones held one per visible GPU. A resume
+    that sees fewer GPUs (CUDA_VISIBLE_DEVICES) restores what it can instead of failing. (Device-free: the
+    restore call is recorded, not made.)"""
+    from engine.pipeline import _set_cuda_rng_state
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, str(device))))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    _set_cuda_rng_state("own", torch.device("cuda"))
+    _set_cuda_rng_state(["gpu0", "gpu1"], torch.device("cuda", 1))
+    _set_cuda_rng_state(["gpu0", "gpu1"], torch.device("cuda"))
+    _set_cuda_rng_state(["gpu0"], torch.device("cuda", 1))  # written with 1 GPU visible, resumed on cuda:1
+    assert calls == [("own", "cuda"), ("gpu1", "cuda:1"), ("gpu0", "cuda")]
