@@ -18,7 +18,6 @@ drift of a shared machine hits both alike; the medians are reported. Nothing is 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import platform
 import statistics
@@ -162,9 +161,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _peak_memory(dev: torch.device) -> dict:
+def _peak_memory(dev: torch.device, peaks: dict) -> dict:
+    """CUDA: the peak allocated memory of one step of ours (and of the baseline, where timed), measured apart.
+    CPU: the peak resident set of the whole process (both loops, the evaluation and torch itself)."""
     if dev.type == "cuda":
-        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(dev)), "peak_memory_kind": "cuda_allocated"}
+        out = {"peak_memory_bytes": peaks["ours"], "peak_memory_kind": "cuda_allocated_one_step"}
+        if "baseline" in peaks:
+            out["baseline_peak_memory_bytes"] = peaks["baseline"]
+        return out
     try:
         import resource
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -172,6 +176,16 @@ def _peak_memory(dev: torch.device) -> dict:
         return {"peak_memory_bytes": int(rss), "peak_memory_kind": "process_max_rss"}
     except ImportError:  # pragma: no cover - not on POSIX
         return {"peak_memory_bytes": None, "peak_memory_kind": "unavailable"}
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (all threads), or None where getrusage is not available. A
+    fresh activation the allocator takes from the OS costs one fault per 4 KiB page touched."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def _pruned_setup(net, ratio: float):
@@ -222,7 +236,9 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
 
     Returns a dict: ``train_images_per_s`` (median), ``train_images_per_s_runs``, ``eval_images_per_s``,
     with ``baseline`` also ``baseline_images_per_s``, ``baseline_images_per_s_runs`` and ``speedup``
-    (ours / baseline), plus ``peak_memory_bytes``, ``device``, ``device_name``, ``torch`` and ``settings``."""
+    (ours / baseline), plus ``peak_memory_bytes``, ``page_faults_per_step`` (minor page faults of the process per
+    timed step, with ``baseline`` also ``baseline_page_faults_per_step``; POSIX only), ``device``, ``device_name``,
+    ``torch`` and ``settings``."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if attack not in ATTACKS:
@@ -241,7 +257,7 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     dev = _device(device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
+        torch.empty(0, device=dev)  # initialise CUDA: the memory statistics of "cuda:N" need it
     in_ch, side = _input_shape(model)
     d_eps, d_step = MNIST_ATTACK if model == "lenet" else CIFAR_ATTACK
     eps = d_eps if eps is None else float(eps)
@@ -310,13 +326,19 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         def ref_step(i: int):
             return ref.step(xs[i % n_pool], ys[i % n_pool])
 
-    def timed_block(step_fn, start: int) -> float:
+    faults = {"ours": 0, "baseline": 0}
+
+    def timed_block(step_fn, start: int, who: str) -> float:
         _sync(dev)
+        f0 = _minor_faults()
         t0 = time.perf_counter()
         for i in range(iters):
             step_fn(start + i)
         _sync(dev)
-        return batch * iters / (time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if f0 is not None:
+            faults[who] += _minor_faults() - f0
+        return batch * iters / dt
 
     try:
         # warm-up (compilation, allocator, oneDNN primitive caches), not timed
@@ -328,22 +350,30 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         ours_runs, ref_runs = [], []
         for r in range(repeats):  # A B A B ...: drift of the machine hits both alike
             if ref_step is not None:
-                ref_runs.append(timed_block(ref_step, r * iters))
-            ours_runs.append(timed_block(ours_step, r * iters))
+                ref_runs.append(timed_block(ref_step, r * iters, "baseline"))
+            ours_runs.append(timed_block(ours_step, r * iters, "ours"))
 
-        # ---- PGD evaluation throughput (engine.attacks.evaluate), the model in eval mode
+        # ---- peak device memory of one step of each loop (CUDA; on the CPU the process's peak RSS is all we have)
+        peaks = {}
+        if dev.type == "cuda":
+            for who, fn in (("ours", ours_step), ("baseline", ref_step)):
+                if fn is not None:
+                    _sync(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    fn(0)
+                    _sync(dev)
+                    peaks[who] = int(torch.cuda.max_memory_allocated(dev))
+
+        # ---- PGD evaluation throughput (engine.attacks.evaluate), the model in eval mode, as the engine
+        # evaluates: in float32 (no bf16 autocast: reported accuracies are float32 ones), inputs as stored
         eval_runs = []
         if eval_batches:
             ex = torch.cat([xs[i % n_pool] for i in range(eval_batches)])
             ey = torch.cat([ys[i % n_pool] for i in range(eval_batches)])
-            if channels_last and ex.dim() == 4:
-                ex = ex.contiguous(memory_format=torch.channels_last)
-            ctx = autocast if autocast is not None else contextlib.nullcontext()
             for r in range(max(1, repeats) + 1):
                 _sync(dev)
                 t0 = time.perf_counter()
-                with ctx:
-                    evaluate(net, ex, ey, kind=attack, eps=eps, step_size=step_size, steps=steps, batch_size=batch)
+                evaluate(net, ex, ey, kind=attack, eps=eps, step_size=step_size, steps=steps, batch_size=batch)
                 _sync(dev)
                 if r:  # the first is a warm-up
                     eval_runs.append(len(ex) / (time.perf_counter() - t0))
@@ -366,6 +396,9 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         "eval_images_per_s": statistics.median(eval_runs) if eval_runs else None,
         "eval_images_per_s_runs": eval_runs,
     }
+    timed_steps = repeats * iters
+    if dev.type == "cpu" and _minor_faults() is not None:  # host page faults say nothing about CUDA memory
+        result["page_faults_per_step"] = faults["ours"] / timed_steps
     if flops:
         result["train_flop_per_step"] = flops
         result["train_tflop_per_s"] = flops * result["train_images_per_s"] / batch / 1e12
@@ -374,6 +407,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         result.update(baseline_images_per_s=base, baseline_images_per_s_runs=ref_runs,
                       speedup=result["train_images_per_s"] / base,
                       speedup_runs=[o / b for o, b in zip(ours_runs, ref_runs)])
-    result.update(_peak_memory(dev))
+        if "page_faults_per_step" in result:
+            result["baseline_page_faults_per_step"] = faults["baseline"] / timed_steps
+    result.update(_peak_memory(dev, peaks))
     result.update(device=str(dev), device_name=_device_name(dev), torch=torch.__version__, settings=settings)
     return result

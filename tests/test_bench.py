@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -376,6 +377,18 @@ def test_run_bench_phases(phase):
     assert len(r["train_images_per_s_runs"]) == 2 and len(r["baseline_images_per_s_runs"]) == 2
     assert r["speedup"] == pytest.approx(r["train_images_per_s"] / r["baseline_images_per_s"])
     assert r["settings"]["phase"] == phase and r["settings"]["input_shape"] == [3, 32, 32]
+    assert r["page_faults_per_step"] >= 0 and r["baseline_page_faults_per_step"] >= 0
+
+
+def test_minor_faults_count_fresh_pages():
+    from engine.bench import _minor_faults
+
+    before = _minor_faults()
+    buf = np.empty(64 << 20, dtype=np.uint8)  # above glibc's largest mmap threshold: fresh pages from the OS
+    buf[::4096] = 1  # touch every 4 KiB page
+    after = _minor_faults()
+    # 16384 faults with 4 KiB pages; 32 if the kernel backs the buffer with 2 MiB transparent huge pages
+    assert after - before >= 32
 
 
 def test_run_bench_rejects_bad_settings():
