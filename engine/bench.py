@@ -236,9 +236,10 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
 
     Returns a dict: ``train_images_per_s`` (median), ``train_images_per_s_runs``, ``eval_images_per_s``,
     with ``baseline`` also ``baseline_images_per_s``, ``baseline_images_per_s_runs`` and ``speedup``
-    (ours / baseline), plus ``peak_memory_bytes``, ``page_faults_per_step`` (minor page faults of the process per
-    timed step, with ``baseline`` also ``baseline_page_faults_per_step``; POSIX only), ``device``, ``device_name``,
-    ``torch`` and ``settings``."""
+    (ours / baseline), plus ``peak_memory_bytes`` (on CUDA one step of ours, with ``baseline`` also
+    ``baseline_peak_memory_bytes``; on the CPU the process's peak RSS), ``page_faults_per_step`` (the process's
+    minor page faults per timed step, with ``baseline`` also ``baseline_page_faults_per_step``; CPU on POSIX),
+    ``device``, ``device_name``, ``torch`` and ``settings``."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if attack not in ATTACKS:
