@@ -269,9 +269,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     base_net = build_model(model, width, num_classes=10, in_channels=in_ch, image_size=side, depth=depth)
     hazard = cpu_channels_last_hazard(base_net) if channels_last and dev.type == "cpu" else None
     if hazard:
-        raise ValueError(f"channels_last on the CPU crashes torch {torch.__version__} for {model} width {width} "
-                         f"(the weight gradient of the 1x1 stride-2 conv {hazard} with fewer than 8 input "
-                         "channels); use a width >= 2 or leave channels_last off")
+        raise ValueError(f"channels_last on the CPU for {model} width {width}: {hazard}; use a width >= 2 or leave "
+                         "channels_last off")
     gen = torch.Generator().manual_seed(seed)
     n_pool = 4  # distinct batches, cycled
     xs = [torch.rand(batch, in_ch, side, side, generator=gen).to(dev) for _ in range(n_pool)]

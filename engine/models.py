@@ -239,10 +239,12 @@ def wrn(width: int, *, num_classes: int = 10, in_channels: int = 1, depth: int =
 
 
 def cpu_channels_last_hazard(model: nn.Module) -> str | None:
-    """The name of a conv whose weight gradient crashes torch 2.14's CPU channels_last path (oneDNN corrupts the
-    heap): a 1x1 convolution with stride > 1 and 2 to 7 input channels, such as ResNet-18 width 1's shortcuts."""
+    """Why ``model`` cannot train in channels_last on the CPU, or None: torch 2.14's CPU channels_last path
+    crashes (oneDNN corrupts the heap) in the weight gradient of a 1x1 convolution with stride > 1 and 2 to 7
+    input channels, such as ResNet-18 width 1's shortcuts."""
     for name, m in model.named_modules():
         if (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
                 and 2 <= m.in_channels <= 7):
-            return name
+            return (f"torch {torch.__version__} crashes in the weight gradient of the 1x1 stride-2 conv {name} "
+                    "with fewer than 8 input channels in channels_last")
     return None

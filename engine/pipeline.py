@@ -185,8 +185,7 @@ class Engine:
             if hazard:
                 raise ConfigError(cfg.origin("run.channels_last"), "run.channels_last",
                                   f"false for {cfg.model.arch} width {cfg.model.width} on the CPU", True,
-                                  hint=f"torch {torch.__version__} crashes in the weight gradient of the 1x1 "
-                                       f"stride-2 conv {hazard} with fewer than 8 input channels in channels_last")
+                                  hint=hazard)
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.run.init and self.resume_state is None:
             self._load_init(cfg.run.init)
