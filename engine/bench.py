@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .admm import ADMM
-from .attacks import evaluate
+from .attacks import evaluate, split_chunks
 from .config import PhaseConfig
 from .models import build_model, cpu_channels_last_hazard, prunable_parameters
 from .pipeline import adversarial_step, make_optimizer
@@ -389,7 +389,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
                 "step_size": step_size, "phase": phase, "prune_ratio": ratio, "rho": rho, "optimizer": optimizer,
                 "repeats": repeats, "warmup": warmup, "iters": iters, "baseline": baseline, "bf16": use_bf16,
                 "bf16_requested": bool(bf16), "channels_last": channels_last, "compile": compile,
-                "threads": torch.get_num_threads(), "seed": seed, "eval_batches": eval_batches}
+                "threads": torch.get_num_threads(), "seed": seed, "eval_batches": eval_batches,
+                "attack_chunks": split_chunks(batch, dev)}
     result = {
         "train_images_per_s": statistics.median(ours_runs),
         "train_images_per_s_runs": ours_runs,

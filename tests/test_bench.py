@@ -1,7 +1,9 @@
 """The fast paths compute what a plain loop computes (within float tolerance), and the benchmark runs.
 
 * the attack's fx rewrite of the model (conv+BN folding, ReLU/max-pool swap, channels_last and space-to-depth
-  conv + max-pool on the CPU, in-place ReLUs) gives the model's logits and input gradients, and PGD through it gives the adversarial examples of a plain eval-mode PGD;
+  conv + max-pool on the CPU, in-place ReLUs) gives the model's logits and input gradients, and PGD through it
+  gives the adversarial examples of a plain eval-mode PGD;
+* the attack split into chunks on worker threads (CPU) gives the adversarial examples of the whole batch;
 * the ADMM penalty added as a gradient equals autograd through the penalty in the loss;
 * a masked step equals a plain step followed by masking;
 * the engine's projections equal numpy-based ones;
@@ -15,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -236,6 +239,111 @@ def test_pgd_fast_path_same_adversarial_examples(arch, width, ch, side):
     assert l_ours == pytest.approx(l_ref, rel=0.02, abs=1e-4)
 
 
+@pytest.fixture
+def two_threads():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _spy_chunks(monkeypatch, name):
+    """Record the thread each call of ``attacks.<name>`` runs on."""
+    seen = []
+    real = getattr(attacks, name)
+
+    def spy(*a, **k):
+        seen.append((threading.current_thread().name, threading.get_ident()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(attacks, name, spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch,width,ch,side", ARCHS)
+def test_split_attack_equals_whole_batch(arch, width, ch, side, two_threads, monkeypatch):
+    """On the CPU with 2 threads the attacks run the batch as 2 chunks on worker threads; the adversarial
+    examples are those of the whole batch (PGD with one and with three restarts, FGSM-RS). Bit for bit where
+    oneDNN computes each example the same way whatever the batch size (so far everywhere); the bound allows
+    rounding-level differences, while pairing a chunk with the wrong labels or starts would change most pixels."""
+    m = _model(arch, width, ch, side)
+    x, y = _data(40, ch, side)
+    seen = _spy_chunks(monkeypatch, "_pgd_chunk")
+    for kind, restarts in (("pgd", 1), ("pgd", 3), ("fgsm-rs", 1)):
+        outs = []
+        for split in (False, True):
+            monkeypatch.setattr(attacks, "SPLIT_ATTACK", split)
+            torch.manual_seed(11)
+            outs.append(attacks.attack(m, x, y, kind=kind, eps=0.1, step_size=0.02, steps=4, restarts=restarts))
+            assert m.training  # mode restored
+        whole, split_ = outs
+        assert (whole == split_).float().mean().item() >= 0.999, (kind, restarts)
+        assert (split_ - x).abs().max() <= 0.1 + 1e-6 and split_.min() >= 0 and split_.max() <= 1
+    # per PGD run, whole batch: one call on this thread; split: one call on each of two worker threads
+    here = (threading.current_thread().name, threading.get_ident())
+    assert len(seen) == 6 and seen[0] == seen[3] == here
+    for workers in (seen[1:3], seen[4:6]):
+        assert len(set(workers)) == 2 and all(name == "robprune-attack" for name, _ in workers)
+    assert torch.get_num_threads() == 2
+
+
+def test_split_attack_keeps_thread_counts_and_small_batches_whole(two_threads, monkeypatch):
+    """Workers run on one intra-op thread each; the caller, and threads started later, keep theirs. Batches
+    under two chunks of SPLIT_MIN_CHUNK, and the CUDA-less case of one thread, run whole on the caller."""
+    m = _model("lenet", 2, 1, 28)
+    counts = []
+    real = attacks._pgd_chunk
+
+    def spy(*a, **k):
+        counts.append((threading.current_thread().name, torch.get_num_threads()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(attacks, "_pgd_chunk", spy)
+    x, y = _data(2 * attacks.SPLIT_MIN_CHUNK, 1, 28)
+    assert attacks.split_chunks(len(x), "cpu") == 2 and attacks.split_chunks(len(x) - 1, "cpu") == 1
+    assert attacks.split_chunks(len(x), "cuda") == 1 and attacks.split_chunks(1000, "cpu") == 2
+    attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=1)
+    assert sorted(c for _, c in counts) == [1, 1] and all(n == "robprune-attack" for n, _ in counts)
+    assert torch.get_num_threads() == 2
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert later == [2]
+    counts.clear()
+    attacks.pgd(m, x[:-1], y[:-1], eps=0.1, step_size=0.02, steps=1)  # one example short of two chunks
+    torch.set_num_threads(1)
+    attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=1)
+    assert counts == [(threading.current_thread().name, 2), (threading.current_thread().name, 1)]
+
+
+def test_split_attack_error_reaches_the_caller_and_workers_stay_usable(two_threads, monkeypatch):
+    m = _model("lenet", 2, 1, 28)
+    x, y = _data(40, 1, 28)
+    real = attacks._pgd_chunk
+
+    def fail_on_workers(*a, **k):
+        if threading.current_thread().name == "robprune-attack":
+            raise RuntimeError("chunk failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(attacks, "_pgd_chunk", fail_on_workers)
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
+    assert m.training
+    monkeypatch.setattr(attacks, "_pgd_chunk", real)
+    torch.manual_seed(3)
+    split_ = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
+    # while another caller holds the workers, a batch runs whole on its own thread, with the same result
+    workers = attacks._WORKERS[2]
+    seen = _spy_chunks(monkeypatch, "_pgd_chunk")
+    with workers.lock:
+        torch.manual_seed(3)
+        whole = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
+    assert seen == [(threading.current_thread().name, threading.get_ident())]
+    assert (whole == split_).float().mean().item() >= 0.999
+
+
 # ------------------------------------------------------------------------------------------------ ADMM and masks
 
 def _admm_setup(m, rho=0.5):
@@ -377,6 +485,7 @@ def test_run_bench_phases(phase):
     assert len(r["train_images_per_s_runs"]) == 2 and len(r["baseline_images_per_s_runs"]) == 2
     assert r["speedup"] == pytest.approx(r["train_images_per_s"] / r["baseline_images_per_s"])
     assert r["settings"]["phase"] == phase and r["settings"]["input_shape"] == [3, 32, 32]
+    assert r["settings"]["attack_chunks"] == 1  # 4 examples: under two chunks of SPLIT_MIN_CHUNK
     assert r["page_faults_per_step"] >= 0 and r["baseline_page_faults_per_step"] >= 0
 
 
