@@ -330,7 +330,6 @@ class _Workers:
     """``n`` daemon threads that run torch code on one intra-op thread each, one queue per thread."""
 
     def __init__(self, n: int):
-        self.n = n
         self.lock = threading.Lock()  # one split at a time; a second caller runs its batch whole
         self.queues: list[SimpleQueue] = [SimpleQueue() for _ in range(n)]
         ready = threading.Barrier(n + 1)

@@ -289,7 +289,8 @@ def test_split_attack_equals_whole_batch(arch, width, ch, side, two_threads, mon
 
 def test_split_attack_keeps_thread_counts_and_small_batches_whole(two_threads, monkeypatch):
     """Workers run on one intra-op thread each; the caller, and threads started later, keep theirs. Batches
-    under two chunks of SPLIT_MIN_CHUNK, and the CUDA-less case of one thread, run whole on the caller."""
+    under two chunks of SPLIT_MIN_CHUNK, and any batch when the caller has one intra-op thread, run whole on
+    the caller's thread."""
     m = _model("lenet", 2, 1, 28)
     counts = []
     real = attacks._pgd_chunk
