@@ -111,9 +111,10 @@ class _AttackConvPool(nn.Module):
     (row, column, channel). A k x k "same" convolution becomes a (2r+1) x (2r+1) one with ``r = (k // 2 + 1) // 2``
     (3 x 3 for k = 3 or 5) over four times the channels: more multiply-adds (1.44x for k = 5), but oneDNN runs
     the input gradient of a convolution with one input channel several times slower than that of one with
-    four. The max-pool then reduces the four window positions of each channel; seen as a channels_last 3-d
-    tensor ``(N, O, H/2 * W/2, 2, 2)`` that is a ``(1, 2, 2)`` max-pool, which keeps max_pool2d's rule for
-    ties (the first position in row-major order gets the gradient). The values equal conv + max-pool up to
+    four. The max-pool then reduces the four window positions of each channel; seen as a channels_last
+    tensor ``(N, O, H/2 * W/2, 4)`` that is a ``(1, 4)`` max-pool over the positions in row-major order, which
+    keeps max_pool2d's rule for ties (the first position gets the gradient), and runs max_pool2d's
+    channels_last kernels, forward and backward, on the convolution's output as it lies in memory. The values equal conv + max-pool up to
     float rounding. Elsewhere (not the CPU, odd height or width) it is the plain conv and max-pool."""
 
     def __init__(self, conv: _AttackConv):
@@ -171,8 +172,9 @@ class _AttackConvPool(nn.Module):
         xs = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h // 2, w // 2, 4 * c)
         y = F.conv2d(xs.permute(0, 3, 1, 2), self.weight, self.bias, padding=self.r)
         o = self.out_channels
-        y = y.permute(0, 2, 3, 1).reshape(n, (h // 2) * (w // 2), 2, 2, o).permute(0, 4, 1, 2, 3)
-        return F.max_pool3d(y, (1, 2, 2)).reshape(n, o, h // 2, w // 2)
+        # (N, O, H/2 * W/2, 4): the four positions of each window side by side, channels_last strides
+        y = y.permute(0, 2, 3, 1).reshape(n, (h // 2) * (w // 2), 4, o).permute(0, 3, 1, 2)
+        return F.max_pool2d(y, (1, 4)).reshape(n, o, h // 2, w // 2)
 
 
 def _is_pool2x2(node, mods) -> bool:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .admm import ADMM
+from . import attacks
 from .attacks import evaluate, split_chunks
 from .config import PhaseConfig
 from .models import build_model, cpu_channels_last_hazard, prunable_parameters
@@ -198,7 +199,10 @@ def _pruned_setup(net, ratio: float):
 def _step_flops(step) -> int | None:
     """Floating-point operations of one step: matmuls and convolutions, forward and backward, counted with
     torch.utils.flop_counter's per-op formulas (its FlopCounterMode's module tracking does not support
-    autograd.grad w.r.t. a leaf, which the attacks use). None where that is not available."""
+    autograd.grad w.r.t. a leaf, which the attacks use). None where that is not available.
+
+    A dispatch mode sees the ops of its own thread only, so the attacks' split into chunks on worker threads
+    (:func:`engine.attacks._split_run`) is off while counting: the chunks' FLOPs add up to the whole batch's."""
     try:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.flop_counter import flop_registry
@@ -216,12 +220,48 @@ def _step_flops(step) -> int | None:
                 Count.flops += int(fn(*args, **kwargs, out_val=out))
             return out
 
+    split = attacks.SPLIT_ATTACK
+    attacks.SPLIT_ATTACK = False
     try:
         with Count():
             step()
     except Exception:  # pragma: no cover - counting is a nicety, never a failure
         return None
+    finally:
+        attacks.SPLIT_ATTACK = split
     return Count.flops
+
+
+def _matmul_rate(dev: torch.device, bf16: bool, repeats: int = 5) -> tuple[float, str]:
+    """(TFLOP/s, dtype name) of a large square matmul on ``dev``, the median of ``repeats`` after a warm-up: the
+    rate a dense kernel attains on this device and thread count, to read the training step's TFLOP/s against.
+    The dtype is the one the step's convolutions compute in: bfloat16 under bf16 autocast; on CUDA float32 as
+    TF32 where cuDNN may use it for float32 convolutions (its default); else float32."""
+    if dev.type == "cuda":
+        n = 8192
+        if bf16:
+            dtype, name = torch.bfloat16, "bfloat16"
+        else:
+            dtype, name = torch.float32, "tf32" if torch.backends.cudnn.allow_tf32 else "float32"
+    else:
+        n, dtype, name = 2048, torch.float32, "float32"
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dev, dtype)
+    b = torch.randn(n, n, generator=gen).to(dev, dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+    try:
+        times = []
+        for r in range(repeats + 2):
+            _sync(dev)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            _sync(dev)
+            if r >= 2:  # two warm-ups
+                times.append(time.perf_counter() - t0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return 2 * n ** 3 / statistics.median(times) / 1e12, name
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark
@@ -239,7 +279,10 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     (ours / baseline), plus ``peak_memory_bytes`` (on CUDA one step of ours, with ``baseline`` also
     ``baseline_peak_memory_bytes``; on the CPU the process's peak RSS), ``page_faults_per_step`` (the process's
     minor page faults per timed step, with ``baseline`` also ``baseline_page_faults_per_step``; CPU on POSIX),
-    ``device``, ``device_name``, ``torch`` and ``settings``."""
+    ``train_flop_per_step`` / ``train_tflop_per_s`` (convolutions and matmuls counted, forward and backward; with
+    ``baseline`` also ``baseline_flop_per_step`` / ``baseline_tflop_per_s``), ``matmul_tflop_per_s`` and
+    ``matmul_dtype`` (see :func:`_matmul_rate`) with ``train_fraction_of_matmul`` (and
+    ``baseline_fraction_of_matmul``), ``device``, ``device_name``, ``torch`` and ``settings``."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if attack not in ATTACKS:
@@ -380,6 +423,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         flops = _step_flops(lambda: adversarial_step(
             net, net, opt, xs[0], ys[0], kind=attack, eps=eps, step_size=step_size, steps=steps, admm=admm_state,
             masked=masked, autocast=autocast, channels_last=channels_last))
+        ref_flops = _step_flops(lambda: ref_step(0)) if ref_step is not None else None
+        matmul_rate, matmul_dtype = _matmul_rate(dev, use_bf16)
     finally:
         if masked is not None:
             masked.detach()
@@ -400,9 +445,11 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     timed_steps = repeats * iters
     if dev.type == "cpu" and _minor_faults() is not None:  # host page faults say nothing about CUDA memory
         result["page_faults_per_step"] = faults["ours"] / timed_steps
+    result.update(matmul_tflop_per_s=matmul_rate, matmul_dtype=matmul_dtype)
     if flops:
         result["train_flop_per_step"] = flops
         result["train_tflop_per_s"] = flops * result["train_images_per_s"] / batch / 1e12
+        result["train_fraction_of_matmul"] = result["train_tflop_per_s"] / matmul_rate
     if baseline:
         base = statistics.median(ref_runs)
         result.update(baseline_images_per_s=base, baseline_images_per_s_runs=ref_runs,
@@ -410,6 +457,10 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
                       speedup_runs=[o / b for o, b in zip(ours_runs, ref_runs)])
         if "page_faults_per_step" in result:
             result["baseline_page_faults_per_step"] = faults["baseline"] / timed_steps
+        if ref_flops:
+            result["baseline_flop_per_step"] = ref_flops
+            result["baseline_tflop_per_s"] = ref_flops * base / batch / 1e12
+            result["baseline_fraction_of_matmul"] = result["baseline_tflop_per_s"] / matmul_rate
     result.update(_peak_memory(dev, peaks))
     result.update(device=str(dev), device_name=_device_name(dev), torch=torch.__version__, settings=settings)
     return result

@@ -490,6 +490,36 @@ def test_run_bench_phases(phase):
     assert r["page_faults_per_step"] >= 0 and r["baseline_page_faults_per_step"] >= 0
 
 
+def test_run_bench_counts_the_flops_of_split_attacks_and_of_the_reference(two_threads):
+    """FLOPs per step, counted through a dispatch mode that sees its own thread's ops only: with two threads the
+    attack runs as two chunks on worker threads, and the count must still include them. Oracle: the reference
+    loop does the same convolutions and matmuls as ours (its attack in train mode, ours through the folded
+    rewrite; CIFAR input, so no space-to-depth) plus one natural forward per step, counted here apart with
+    torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = 32  # two chunks of SPLIT_MIN_CHUNK
+    r = run_bench(model="resnet18", width=1, batch=batch, steps=2, phase="admm", device="cpu", repeats=1,
+                  warmup=1, iters=1, baseline=True, eval_batches=0, threads=2)
+    assert r["settings"]["attack_chunks"] == 2
+    net = build_model("resnet18", 1, in_channels=3, image_size=32)
+    with FlopCounterMode(display=False) as fc:
+        net(torch.rand(batch, 3, 32, 32))
+    forward = fc.get_total_flops()
+    assert forward > 0
+    assert r["baseline_flop_per_step"] - r["train_flop_per_step"] == forward
+    # ours: 2 attack iterations (forward + input gradient) and a training forward and backward: well over
+    # three forwards' worth; without the worker threads' ops it would be the training step's alone
+    assert r["train_flop_per_step"] > 5 * forward
+    assert r["train_tflop_per_s"] == pytest.approx(r["train_flop_per_step"] * r["train_images_per_s"] / batch / 1e12)
+    assert r["baseline_tflop_per_s"] == pytest.approx(
+        r["baseline_flop_per_step"] * r["baseline_images_per_s"] / batch / 1e12)
+    assert r["matmul_dtype"] == "float32" and r["matmul_tflop_per_s"] > 0
+    assert r["train_fraction_of_matmul"] == pytest.approx(r["train_tflop_per_s"] / r["matmul_tflop_per_s"])
+    assert r["baseline_fraction_of_matmul"] == pytest.approx(r["baseline_tflop_per_s"] / r["matmul_tflop_per_s"])
+    assert attacks.SPLIT_ATTACK is True  # counting turned the split off for its own pass only
+
+
 def test_minor_faults_count_fresh_pages():
     from engine.bench import _minor_faults
 
