@@ -16,7 +16,9 @@ gradients, on a quarter of the elements), and on the CPU the convolutions run in
 model's own memory format. On the CPU a convolution with one input channel (an MNIST model's first layer)
 followed by a 2x2 max-pool runs space-to-depth (:class:`_AttackConvPool`): oneDNN computes the input gradient
 of a convolution with one input channel at a fraction of its usual speed, and the rearranged convolution has
-four. A ReLU of a value nothing else reads runs in place. ``FAST_ATTACK = False`` turns the rewrite off.
+four. When the model's input feeds that layer and nothing else, PGD rearranges its batch once and iterates
+in the rearranged layout (:class:`_S2DEntry`, ``S2D_INPUT``). A ReLU of a value nothing else reads runs in place.
+``FAST_ATTACK = False`` turns the rewrite off.
 
 On the CPU with several intra-op threads, the attacks also split the batch into one chunk per thread and run
 the chunks side by side, each on a worker thread of its own with one intra-op thread (:func:`_split_run`).
@@ -27,6 +29,7 @@ operation; one chunk per core is. ``SPLIT_ATTACK = False`` turns it off.
 """
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import weakref
@@ -43,6 +46,9 @@ FAST_ATTACK = True  # differentiate the folded eval-mode rewrite of the model (s
 # on LeNet w=4, batch 128: one input channel (MNIST) 1.3-1.6x faster per attack iteration; three (CIFAR) slower.
 S2D_MAX_IN_CHANNELS = 1
 INPLACE_RELU = True  # the rewrite's ReLUs of values nothing else reads run in place (one allocation fewer)
+# PGD keeps its iterate space-to-depth when the model's input goes straight into a space-to-depth layer
+# (see _S2DInput): the batch is rearranged once per attack, not forward and back in every iteration
+S2D_INPUT = True
 SPLIT_ATTACK = True  # on the CPU, one chunk of the batch per intra-op thread, run side by side (see _split_run)
 SPLIT_MIN_CHUNK = 16  # no chunk smaller than this many examples: below it the split costs more than it gains
 
@@ -164,17 +170,65 @@ class _AttackConvPool(nn.Module):
         self.weight = _channels_last_strides(flat[self.index])
         self.bias = b.repeat(4) if b is not None else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def rearranges(self, x: Tensor) -> bool:
+        """Whether :meth:`forward` takes the space-to-depth path for ``x``."""
+        return self.weight is not None and x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+
+    @staticmethod
+    def unshuffle(x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` -> ``(N, 4C, H/2, W/2)`` in channels_last memory, channel ``c*4 + row*2 + col`` (a copy)."""
         n, c, h, w = x.shape
-        if self.weight is None or h % 2 or w % 2:
-            return F.max_pool2d(self.conv(x), 2)
-        # pixel_unshuffle into channels_last memory: (N, H/2, W/2, C*4), channel c*4 + row*2 + col
         xs = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h // 2, w // 2, 4 * c)
-        y = F.conv2d(xs.permute(0, 3, 1, 2), self.weight, self.bias, padding=self.r)
+        return xs.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def shuffle(xs: Tensor) -> Tensor:
+        """The inverse of :meth:`unshuffle`, as a contiguous ``(N, C, H, W)`` tensor."""
+        n, c4, h2, w2 = xs.shape
+        c = c4 // 4
+        x = xs.permute(0, 2, 3, 1).reshape(n, h2, w2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(n, c, 2 * h2, 2 * w2).contiguous()
+
+    def forward_unshuffled(self, xs: Tensor) -> Tensor:
+        """The layer's output for an input already rearranged by :meth:`unshuffle`."""
+        n, _, h2, w2 = xs.shape
+        y = F.conv2d(xs, self.weight, self.bias, padding=self.r)
         o = self.out_channels
         # (N, O, H/2 * W/2, 4): the four positions of each window side by side, channels_last strides
-        y = y.permute(0, 2, 3, 1).reshape(n, (h // 2) * (w // 2), 4, o).permute(0, 3, 1, 2)
-        return F.max_pool2d(y, (1, 4)).reshape(n, o, h // 2, w // 2)
+        y = y.permute(0, 2, 3, 1).reshape(n, h2 * w2, 4, o).permute(0, 3, 1, 2)
+        return F.max_pool2d(y, (1, 4)).reshape(n, o, h2, w2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.rearranges(x):
+            return F.max_pool2d(self.conv(x), 2)
+        return self.forward_unshuffled(self.unshuffle(x))
+
+
+class _S2DInput(nn.Module):
+    """The entry of a second attack graph (:class:`_S2DEntry`) whose input is already space-to-depth: the
+    :class:`_AttackConvPool` the model's input goes straight into, minus the rearrangement. The pool is held as
+    a plain attribute: it belongs to the first graph."""
+
+    def __init__(self, pool: _AttackConvPool):
+        super().__init__()
+        self.pool = (pool,)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        return self.pool[0].forward_unshuffled(xs)
+
+
+class _S2DEntry:
+    """The attack graph for inputs already rearranged by :meth:`_AttackConvPool.unshuffle`, for a model whose
+    input feeds one space-to-depth layer and nothing else (an MNIST LeNet). PGD then rearranges its bounds and
+    starts once, iterates in that layout (its steps are elementwise, so every value is the same, only placed
+    elsewhere) and rearranges the result back once: in each iteration the forward's rearrangement of the input
+    and the backward's of its gradient are saved."""
+
+    def __init__(self, graph: nn.Module, pool: _AttackConvPool):
+        self.graph, self.pool = graph, pool
+
+    def applies(self, x: Tensor) -> bool:
+        return S2D_INPUT and self.pool.rearranges(x) and x.shape[1] == self.pool.conv.pair[0].in_channels
 
 
 def _is_pool2x2(node, mods) -> bool:
@@ -298,7 +352,32 @@ def _build_attack_graph(model: nn.Module):
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
+    gm.s2d_entry = _s2d_entry(gm)
     return gm, convs
+
+
+def _s2d_entry(gm) -> _S2DEntry | None:
+    """An :class:`_S2DEntry` for the rewrite ``gm`` when its one input feeds one space-to-depth layer only."""
+    from torch import fx  # noqa: PLC0415
+
+    mods = dict(gm.named_modules())
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1 or len(inputs[0].users) != 1:
+        return None
+    first = next(iter(inputs[0].users))
+    if not (first.op == "call_module" and type(mods.get(first.target)) is _AttackConvPool
+            and first.args == (inputs[0],) and not first.kwargs):
+        return None
+    pool = mods[first.target]
+    graph = copy.deepcopy(gm.graph)
+    inner = fx.GraphModule(gm, graph)
+    inner.add_submodule("_attack_s2d_input", _S2DInput(pool))
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target == first.target:
+            node.target = "_attack_s2d_input"
+    graph.lint()
+    inner.recompile()
+    return _S2DEntry(inner, pool)
 
 
 _ATTACK_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
@@ -443,6 +522,12 @@ def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 def _pgd_chunk(net: nn.Module, x: Tensor, y: Tensor, lo: Tensor, hi: Tensor, *starts: Tensor, step_size: float,
                steps: int) -> Tensor:
     """PGD from each start in ``starts`` (one per restart); per example, the first restart that fools ``net``."""
+    entry = getattr(net, "s2d_entry", None)
+    finish = lambda t: t  # noqa: E731
+    if entry is not None and entry.applies(x):  # iterate space-to-depth (see _S2DEntry)
+        net, finish = entry.graph, entry.pool.shuffle
+        lo, hi = entry.pool.unshuffle(lo), entry.pool.unshuffle(hi)
+        starts = tuple(entry.pool.unshuffle(s) for s in starts)
     best = None
     fooled = None
     with torch.enable_grad():
@@ -457,7 +542,7 @@ def _pgd_chunk(net: nn.Module, x: Tensor, y: Tensor, lo: Tensor, hi: Tensor, *st
                 x_adv.clamp_(0.0, 1.0)
             x_adv = x_adv.detach()
             if len(starts) == 1:
-                return x_adv
+                return finish(x_adv)
             with torch.no_grad():
                 wrong = net(x_adv).argmax(1) != y
             if best is None:
@@ -466,7 +551,7 @@ def _pgd_chunk(net: nn.Module, x: Tensor, y: Tensor, lo: Tensor, hi: Tensor, *st
                 take = wrong & ~fooled
                 best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
                 fooled = fooled | wrong
-    return best
+    return finish(best)
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,

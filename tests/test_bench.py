@@ -189,6 +189,41 @@ def test_space_to_depth_only_where_it_pays(monkeypatch):
     _assert_same_logits_and_grads(m, fast, x, y)
 
 
+@pytest.mark.parametrize("side", [28, 27])
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_pgd_iterating_space_to_depth_gives_the_same_examples(side, restarts, monkeypatch):
+    """An MNIST LeNet's input feeds its space-to-depth layer only, so PGD rearranges the batch once and iterates
+    in that layout (S2D_INPUT). Its adversarial examples are bit for bit those of rearranging in every iteration,
+    ties included; on an odd size (no space-to-depth) nothing changes either."""
+    m = _model("lenet", 2, 1, side).eval()
+    x, y = _data(24, 1, side)
+    x = torch.where(x < 0.4, torch.zeros_like(x), x)
+    entry = attacks.attack_model(m).s2d_entry
+    assert entry is not None and entry.applies(x) == (side == 28)
+    calls = []
+    real = attacks._S2DInput.forward
+    monkeypatch.setattr(attacks._S2DInput, "forward", lambda self, xs: calls.append(xs.shape) or real(self, xs))
+    out = {}
+    for flag in (True, False):
+        monkeypatch.setattr(attacks, "S2D_INPUT", flag)
+        torch.manual_seed(3)
+        out[flag] = attacks.pgd(m, x, y, eps=0.3, step_size=0.05, steps=4, restarts=restarts)
+        n_calls, calls[:] = len(calls), []
+        # 4 steps per restart, and with restarts one forward per restart to see which examples it fooled
+        assert n_calls == ((4 + (restarts > 1)) * restarts if flag and side == 28 else 0)
+    assert out[True].shape == x.shape and out[True].is_contiguous()
+    assert torch.equal(out[True], out[False])
+    assert (out[True] - x).abs().max() <= 0.3 + 1e-6
+
+
+def test_space_to_depth_entry_only_where_the_input_feeds_that_layer_alone():
+    """CIFAR-shaped models have no space-to-depth layer, so no entry; an MNIST LeNet has one."""
+    assert attacks.attack_model(_model("lenet", 2, 3, 32).eval()).s2d_entry is None
+    assert attacks.attack_model(_model("resnet18", 1, 3, 32).eval()).s2d_entry is None
+    assert attacks.attack_model(_model("resnet18", 1, 1, 28).eval()).s2d_entry is None  # its stem has no pool
+    assert attacks.attack_model(_model("lenet", 2, 1, 28).eval()).s2d_entry is not None
+
+
 def test_inplace_relus_leave_the_model_alone():
     """The rewrite's in-place ReLUs act on its own fresh tensors: ResNet's block outputs use relu_, the
     model's parameters and buffers are untouched by an attack, and two calls give the same result."""

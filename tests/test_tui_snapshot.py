@@ -6,6 +6,7 @@ accept a deliberate layout change, run with ROBPRUNE_UPDATE_SNAPSHOTS=1 and revi
 from __future__ import annotations
 
 import asyncio
+import difflib
 import io
 import json
 import os
@@ -135,4 +136,6 @@ def test_layout_snapshot(tmp_path, utc, size):
         path.write_text(text)
         if os.environ.get("ROBPRUNE_UPDATE_SNAPSHOTS") != "1":
             pytest.fail(f"snapshot {path.name} was missing and has been written; review it and run again")
-    assert text == path.read_text(), f"layout changed; see {path} (ROBPRUNE_UPDATE_SNAPSHOTS=1 to accept)"
+    want = path.read_text()
+    diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), "snapshot", "screen"))
+    assert text == want, f"layout changed; see {path} (ROBPRUNE_UPDATE_SNAPSHOTS=1 to accept):\n{diff}"
