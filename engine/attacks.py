@@ -47,7 +47,7 @@ FAST_ATTACK = True  # differentiate the folded eval-mode rewrite of the model (s
 S2D_MAX_IN_CHANNELS = 1
 INPLACE_RELU = True  # the rewrite's ReLUs of values nothing else reads run in place (one allocation fewer)
 # PGD keeps its iterate space-to-depth when the model's input goes straight into a space-to-depth layer
-# (see _S2DInput): the batch is rearranged once per attack, not forward and back in every iteration
+# (see _S2DEntry): the batch is rearranged once per attack, not forward and back in every iteration
 S2D_INPUT = True
 SPLIT_ATTACK = True  # on the CPU, one chunk of the batch per intra-op thread, run side by side (see _split_run)
 SPLIT_MIN_CHUNK = 16  # no chunk smaller than this many examples: below it the split costs more than it gains
@@ -120,8 +120,8 @@ class _AttackConvPool(nn.Module):
     four. The max-pool then reduces the four window positions of each channel; seen as a channels_last
     tensor ``(N, O, H/2 * W/2, 4)`` that is a ``(1, 4)`` max-pool over the positions in row-major order, which
     keeps max_pool2d's rule for ties (the first position gets the gradient), and runs max_pool2d's
-    channels_last kernels, forward and backward, on the convolution's output as it lies in memory. The values equal conv + max-pool up to
-    float rounding. Elsewhere (not the CPU, odd height or width) it is the plain conv and max-pool."""
+    channels_last kernels, forward and backward, on the convolution's output as it lies in memory. The values
+    equal conv + max-pool up to float rounding. Elsewhere (not the CPU, odd height or width) it is the plain conv and max-pool."""
 
     def __init__(self, conv: _AttackConv):
         super().__init__()

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .admm import ADMM
 from . import attacks
+from .admm import ADMM
 from .attacks import evaluate, split_chunks
 from .config import PhaseConfig
 from .models import build_model, cpu_channels_last_hazard, prunable_parameters
@@ -232,11 +232,12 @@ def _step_flops(step) -> int | None:
     return Count.flops
 
 
-def _matmul_rate(dev: torch.device, bf16: bool, repeats: int = 5) -> tuple[float, str]:
+def _matmul_rate(dev: torch.device, bf16: bool, repeats: int = 5) -> tuple[float | None, str]:
     """(TFLOP/s, dtype name) of a large square matmul on ``dev``, the median of ``repeats`` after a warm-up: the
     rate a dense kernel attains on this device and thread count, to read the training step's TFLOP/s against.
     The dtype is the one the step's convolutions compute in: bfloat16 under bf16 autocast; on CUDA float32 as
-    TF32 where cuDNN may use it for float32 convolutions (its default); else float32."""
+    TF32 where cuDNN may use it for float32 convolutions (its default); else float32. The rate is None where the
+    matmul fails (out of memory): the timings already taken are not lost for it."""
     if dev.type == "cuda":
         n = 8192
         if bf16:
@@ -246,11 +247,11 @@ def _matmul_rate(dev: torch.device, bf16: bool, repeats: int = 5) -> tuple[float
     else:
         n, dtype, name = 2048, torch.float32, "float32"
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dev, dtype)
-    b = torch.randn(n, n, generator=gen).to(dev, dtype)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
     try:
+        a = torch.randn(n, n, generator=gen).to(dev, dtype)
+        b = torch.randn(n, n, generator=gen).to(dev, dtype)
         times = []
         for r in range(repeats + 2):
             _sync(dev)
@@ -259,6 +260,8 @@ def _matmul_rate(dev: torch.device, bf16: bool, repeats: int = 5) -> tuple[float
             _sync(dev)
             if r >= 2:  # two warm-ups
                 times.append(time.perf_counter() - t0)
+    except RuntimeError:  # torch.OutOfMemoryError is one
+        return None, name
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n ** 3 / statistics.median(times) / 1e12, name
@@ -449,7 +452,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     if flops:
         result["train_flop_per_step"] = flops
         result["train_tflop_per_s"] = flops * result["train_images_per_s"] / batch / 1e12
-        result["train_fraction_of_matmul"] = result["train_tflop_per_s"] / matmul_rate
+        if matmul_rate:
+            result["train_fraction_of_matmul"] = result["train_tflop_per_s"] / matmul_rate
     if baseline:
         base = statistics.median(ref_runs)
         result.update(baseline_images_per_s=base, baseline_images_per_s_runs=ref_runs,
@@ -460,7 +464,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         if ref_flops:
             result["baseline_flop_per_step"] = ref_flops
             result["baseline_tflop_per_s"] = ref_flops * base / batch / 1e12
-            result["baseline_fraction_of_matmul"] = result["baseline_tflop_per_s"] / matmul_rate
+            if matmul_rate:
+                result["baseline_fraction_of_matmul"] = result["baseline_tflop_per_s"] / matmul_rate
     result.update(_peak_memory(dev, peaks))
     result.update(device=str(dev), device_name=_device_name(dev), torch=torch.__version__, settings=settings)
     return result

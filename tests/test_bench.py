@@ -203,6 +203,11 @@ def test_pgd_iterating_space_to_depth_gives_the_same_examples(side, restarts, mo
     calls = []
     real = attacks._S2DInput.forward
     monkeypatch.setattr(attacks._S2DInput, "forward", lambda self, xs: calls.append(xs.shape) or real(self, xs))
+    attacks.pgd(m, x, y, eps=0.3, step_size=0.05, steps=1)  # both graphs made and used with these weights ...
+    with torch.no_grad():  # ... then training moves them: the second graph shares the first one's layers
+        m.conv1.weight.mul_(1.5)
+        m.fc1.bias.add_(0.1)
+    calls.clear()
     out = {}
     for flag in (True, False):
         monkeypatch.setattr(attacks, "S2D_INPUT", flag)
