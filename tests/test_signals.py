@@ -104,9 +104,13 @@ def test_first_ctrl_c_stops_with_a_checkpoint_exit_130(tmp_path, short_profile):
 
 
 def test_second_ctrl_c_stops_at_once_and_the_run_directory_is_locked_meanwhile(tmp_path, short_profile):
-    """Steps take seconds here (1000 PGD steps each): the second Ctrl-C does not wait for the step to end."""
+    """Steps take seconds here (3000 PGD steps each): the second Ctrl-C does not wait for the step to end.
+
+    The steps must be long against the refused second process's start-up (a few seconds of importing torch on
+    loaded cores) and the 0.3 s between the two signals: were the first signal's graceful stop to end the run
+    before the second arrives, the second would meet an exiting interpreter."""
     rd = tmp_path / "r"
-    p = spawn("run", short_profile, "--run-dir", rd, "--set", "attack.train.steps=1000")
+    p = spawn("run", short_profile, "--run-dir", rd, "--set", "attack.train.steps=3000")
     wait_for(training(rd), p, timeout=300)
     # a second process on the same run directory is refused, naming the holder
     other = robprune("run", "--resume", rd)
