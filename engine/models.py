@@ -245,6 +245,7 @@ def cpu_channels_last_hazard(model: nn.Module) -> str | None:
     for name, m in model.named_modules():
         if (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
                 and 2 <= m.in_channels <= 7):
-            return (f"torch {torch.__version__} crashes in the weight gradient of the 1x1 stride-2 conv {name} "
-                    "with fewer than 8 input channels in channels_last")
+            stride = "x".join(str(v) for v in m.stride) if len(set(m.stride)) > 1 else str(m.stride[0])
+            return (f"torch {torch.__version__} crashes in the weight gradient of the 1x1 stride-{stride} conv "
+                    f"{name} with fewer than 8 input channels in channels_last")
     return None

@@ -578,6 +578,16 @@ def test_run_bench_rejects_bad_settings():
         run_bench(model="resnet18", width=1, device="cpu", channels_last=True)
 
 
+def test_channels_last_hazard_names_the_conv_and_its_stride():
+    from engine.models import cpu_channels_last_hazard
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 8, 1, stride=3))
+    msg = cpu_channels_last_hazard(net)
+    assert msg is not None and "1x1 stride-3 conv 1 " in msg
+    assert "stride-2x3 conv 0" in cpu_channels_last_hazard(torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1, stride=(2, 3))))
+    assert cpu_channels_last_hazard(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1, stride=2))) is None  # 8 channels
+
+
 def test_cli_bench_prints_one_json_object():
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     r = subprocess.run([sys.executable, "-m", "tui.cli", "bench", "--model", "lenet", "--width", "1", "--batch", "8",
