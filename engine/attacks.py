@@ -88,7 +88,7 @@ class _AttackConv(nn.Module):
             b = shift.to(w.dtype)
         self.channels_last = w.device.type == "cpu"
         if self.channels_last:
-            w = _channels_last_strides(w)
+            w = channels_last_strides(w)
         self.weight, self.bias = w, b
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,7 +98,7 @@ class _AttackConv(nn.Module):
         return self.pair[0]._conv_forward(x, self.weight, self.bias)
 
 
-def _channels_last_strides(t: Tensor) -> Tensor:
+def channels_last_strides(t: Tensor) -> Tensor:
     """``t`` with channels_last strides. ``contiguous(memory_format=channels_last)`` is not enough: with one
     input channel (the first conv of an MNIST model) the plain strides pass for channels_last too, and oneDNN
     then takes its slow NCHW path."""
@@ -167,7 +167,7 @@ class _AttackConvPool(nn.Module):
             return
         flat = torch.cat([w.reshape(-1), w.new_zeros(1)])
         self.index = self.index.to(w.device)
-        self.weight = _channels_last_strides(flat[self.index])
+        self.weight = channels_last_strides(flat[self.index])
         self.bias = b.repeat(4) if b is not None else None
 
     def rearranges(self, x: Tensor) -> bool:

@@ -11,10 +11,12 @@ import contextlib
 import math
 import random
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 try:
     import numpy as np
@@ -23,7 +25,7 @@ except ImportError:  # pragma: no cover - numpy comes with torchvision
 
 from . import data as data_mod
 from .admm import ADMM
-from .attacks import attack, evaluate
+from .attacks import attack, channels_last_strides, evaluate
 from .config import Config, PhaseConfig
 from .control import Command, Control
 from .errors import ConfigError, NonFiniteError, UserError
@@ -80,6 +82,28 @@ def make_optimizer(pc: PhaseConfig, params, device: torch.device) -> torch.optim
     raise ValueError(f"unknown optimizer {pc.optimizer!r}")
 
 
+_CPU_CL_INPUT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the training forward takes it. On the CPU, a batch of images goes in channels_last whatever the
+    model's own format: oneDNN then runs every convolution in that layout, forward and both gradients, and
+    skips its reorders (train-mode forward + backward, batch 128, 2 threads: ResNet-18 w=4 400 -> 334 ms,
+    LeNet w=4 19.9 -> 13.3 ms, VGG-16 w=4 254 -> 204 ms). Not for a model with
+    :func:`~engine.models.cpu_channels_last_hazard` (oneDNN crashes there), nor one without convolutions.
+    The weights keep their format; their gradients come back in it."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return x
+    try:
+        ok = _CPU_CL_INPUT.get(model)
+    except TypeError:  # not weak-referenceable
+        return x
+    if ok is None:
+        ok = _CPU_CL_INPUT[model] = (any(isinstance(m, nn.Conv2d) for m in model.modules())
+                                     and cpu_channels_last_hazard(model) is None)
+    return channels_last_strides(x) if ok else x
+
+
 def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float, step_size: float, steps: int,
                      restarts: int = 1, admm: ADMM | None = None, masked: MaskedParams | None = None,
                      autocast=None, channels_last: bool = False):
@@ -93,7 +117,7 @@ def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float,
     with autocast if autocast is not None else contextlib.nullcontext():
         x_adv = attack(model, x, y, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts)
         model.train()
-        out = train_fn(x_adv)
+        out = train_fn(train_input(model, x_adv))
         loss = F.cross_entropy(out.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
