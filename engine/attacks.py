@@ -51,6 +51,11 @@ INPLACE_RELU = True  # the rewrite's ReLUs of values nothing else reads run in p
 S2D_INPUT = True
 SPLIT_ATTACK = True  # on the CPU, one chunk of the batch per intra-op thread, run side by side (see _split_run)
 SPLIT_MIN_CHUNK = 16  # no chunk smaller than this many examples: below it the split costs more than it gains
+# A worker runs its chunk in pieces of at most this many bytes of forward activations (the rewrite's node
+# outputs; see _pieces). glibc gives each worker thread an arena of 64 MiB heaps and unmaps a heap as soon
+# as it is empty: a chunk whose activations outgrow one heap gets fresh pages, and page faults, in every
+# iteration. 0 turns it off.
+WORKER_PIECE_BYTES = 32 << 20
 
 
 # --------------------------------------------------------------------------------------------- the attack's model
@@ -498,9 +503,55 @@ def _split_run(fn, net: nn.Module, model: nn.Module, *batch: Tensor) -> Tensor:
         return fn(net, *batch)
     try:
         chunks = list(zip(*(torch.tensor_split(t, n) for t in batch)))
-        return torch.cat(workers.map(lambda *c: fn(net, *c), chunks))
+        pieces = _pieces(net, batch[0], len(chunks[0][0]))
+
+        def run(*chunk: Tensor) -> Tensor:
+            if pieces == 1:
+                return fn(net, *chunk)
+            return torch.cat([fn(net, *piece) for piece in zip(*(torch.tensor_split(t, pieces) for t in chunk))])
+
+        return torch.cat(workers.map(run, chunks))
     finally:
         workers.lock.release()
+
+
+_EXAMPLE_BYTES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _example_bytes(net: nn.Module, x: Tensor) -> int:
+    """Bytes of all node outputs of the fx rewrite ``net`` for one example shaped like ``x``'s rows (views
+    and in-place results counted as well: an upper bound of what one forward keeps for its backward), found
+    once per input shape by running the graph on one example; 0 if that fails."""
+    key = (tuple(x.shape[1:]), x.dtype)
+    cache = _EXAMPLE_BYTES.setdefault(net, {})
+    if key not in cache:
+        from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+        total = 0
+        try:
+            with torch.no_grad():
+                ShapeProp(net).propagate(x[:1])
+        except Exception:  # noqa: BLE001 - no estimate, no pieces: the attack itself reports real errors
+            cache[key] = 0
+            return 0
+        for node in net.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            if node.op.startswith("call") and isinstance(meta, TensorMetadata):
+                total += meta.shape.numel() * meta.dtype.itemsize
+        cache[key] = total
+    return cache[key]
+
+
+def _pieces(net: nn.Module, x: Tensor, chunk: int) -> int:
+    """Into how many pieces a worker cuts a chunk of ``chunk`` rows of ``x``: the fewest whose forward
+    activations stay within ``WORKER_PIECE_BYTES``, with no piece under ``SPLIT_MIN_CHUNK // 2`` rows.
+    ResNet-18 w=4 (CIFAR, 1.4 MB per example): a 64-example chunk in 3 pieces; PGD-10 on 128 examples, 2
+    threads, the two in one process: 1840 against 2035 ms per attack, page faults 664 against 131,797.
+    LeNet w=4 (MNIST, 36 KB per example): one piece."""
+    if not WORKER_PIECE_BYTES or getattr(net, "graph", None) is None:
+        return 1
+    need = -(-chunk * _example_bytes(net, x) // WORKER_PIECE_BYTES)
+    return max(1, min(need, chunk // max(SPLIT_MIN_CHUNK // 2, 1)))
 
 
 def _input_grad(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:

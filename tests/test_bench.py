@@ -327,6 +327,43 @@ def test_split_attack_equals_whole_batch(arch, width, ch, side, two_threads, mon
     assert torch.get_num_threads() == 2
 
 
+def test_workers_run_chunks_in_pieces_that_fit_the_byte_budget(two_threads, monkeypatch):
+    """A worker cuts its chunk into the fewest pieces whose forward activations fit WORKER_PIECE_BYTES (no piece
+    under SPLIT_MIN_CHUNK // 2 rows); the adversarial examples stay those of the whole batch. The estimate
+    per example is checked against the activations counted by hand for a ResNet-18 w=1 rewrite."""
+    m = _model("resnet18", 1, 3, 32)
+    x, y = _data(64, 3, 32)
+    net = attacks.attack_model(m.eval())
+    per_example = attacks._example_bytes(net, x)
+    # by hand: every node output of the rewrite, one example, float32
+    with torch.no_grad():
+        sizes = []
+        hooks = [mod.register_forward_hook(lambda mod, a, o: sizes.append(o.numel() * 4))
+                 for mod in net.modules() if mod is not net and not list(mod.children())]
+        net(x[:1])
+        for h in hooks:
+            h.remove()
+    assert per_example >= sum(sizes) > 0
+    m.train()
+    monkeypatch.setattr(attacks, "WORKER_PIECE_BYTES", 5 * per_example)  # 32-row chunks -> 7 pieces of 4-5 rows
+    monkeypatch.setattr(attacks, "SPLIT_MIN_CHUNK", 8)
+    assert attacks._pieces(net, x, 32) == 7 and attacks._pieces(net, x, 3) == 1
+    monkeypatch.setattr(attacks, "WORKER_PIECE_BYTES", 8 * per_example)  # 4 pieces of 8 rows
+    assert attacks._pieces(net, x, 32) == 4
+    outs = []
+    for split in (False, True):
+        monkeypatch.setattr(attacks, "SPLIT_ATTACK", split)
+        seen = _spy_chunks(monkeypatch, "_pgd_chunk")
+        torch.manual_seed(5)
+        outs.append(attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=3))
+        assert len(seen) == (8 if split else 1)
+        if split:
+            assert {name for name, _ in seen} == {"robprune-attack"} and len({t for _, t in seen}) == 2
+    assert torch.equal(outs[0], outs[1])
+    monkeypatch.setattr(attacks, "WORKER_PIECE_BYTES", 0)
+    assert attacks._pieces(net, x, 32) == 1
+
+
 def test_split_attack_keeps_thread_counts_and_small_batches_whole(two_threads, monkeypatch):
     """Workers run on one intra-op thread each; the caller, and threads started later, keep theirs. Batches
     under two chunks of SPLIT_MIN_CHUNK, and any batch when the caller has one intra-op thread, run whole on
