@@ -25,7 +25,8 @@ the chunks side by side, each on a worker thread of its own with one intra-op th
 In eval mode an example's adversarial perturbation depends on that example only, and the random starts are
 drawn for the whole batch before the split, so the result is the one of the whole batch (bit for bit, on the
 models tested). A small model's layers are too small for oneDNN to keep two threads busy inside one
-operation; one chunk per core is. ``SPLIT_ATTACK = False`` turns it off.
+operation; one chunk per core is. ``SPLIT_ATTACK = False`` turns it off. A worker runs a chunk whose
+activations would outgrow one heap of its malloc arena in pieces (``WORKER_PIECE_BYTES``, :func:`_pieces`).
 """
 from __future__ import annotations
 
@@ -491,7 +492,8 @@ def _split_run(fn, net: nn.Module, model: nn.Module, *batch: Tensor) -> Tensor:
     tensor only): on the CPU cut into :func:`_n_chunks` chunks along the first dimension, each run on a worker
     thread with one intra-op thread, the results concatenated. Small layers on many threads leave oneDNN's
     parallel loops short of work; independent chunks keep every core busy (LeNet w=4, batch 128, PGD-40, 2
-    threads: 7-9% more images/s per training step, results unchanged; ResNet-18 w=4: within noise)."""
+    threads: 7-9% more images/s per training step, results unchanged; ResNet-18 w=4: within noise). A worker
+    runs its chunk in :func:`_pieces`, one after another."""
     n = _n_chunks(net, model, batch[0])
     if n == 1:
         return fn(net, *batch)

@@ -108,7 +108,8 @@ def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float,
                      restarts: int = 1, admm: ADMM | None = None, masked: MaskedParams | None = None,
                      autocast=None, channels_last: bool = False):
     """One training step of every phase: craft adversarial examples (model in eval mode), train on them
-    only (model in train mode), add the ADMM penalty's gradient, step, re-apply the masks.
+    only (model in train mode; on the CPU with the batch in channels_last, see :func:`train_input`), add the
+    ADMM penalty's gradient, step, re-apply the masks.
 
     Returns the (device) loss and logits; nothing here syncs with the host. ``train_fn`` is the model or
     its compiled version. The benchmark times this very function."""
