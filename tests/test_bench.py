@@ -494,6 +494,8 @@ def test_training_forward_takes_channels_last_on_the_cpu_and_trains_like_nchw(ar
     first = next(mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d))
     hook = first.register_forward_pre_hook(lambda mod, args: seen.append(args[0].stride()))
     x, y = _data(16, ch, side)
+    if not expect_cl:  # checked before any step: channels_last here would corrupt the heap, not fail a test
+        assert train_input(m, x) is x
     opt = make_optimizer(PhaseConfig(optimizer="sgd", lr=0.05), m.parameters(), torch.device("cpu"))
     try:
         loss, _ = adversarial_step(m, m, opt, x, y, kind="none", eps=0.0, step_size=0.0, steps=0)
