@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import re
 import statistics
 import time
 
@@ -267,6 +268,34 @@ def _matmul_rate(dev: torch.device, bf16: bool, repeats: int = 5) -> tuple[float
     return 2 * n ** 3 / statistics.median(times) / 1e12, name
 
 
+# Dense (no structured sparsity) peak TFLOP/s from NVIDIA's datasheets, per dtype the convolutions compute in
+# (see _matmul_rate): float32 on the CUDA cores, TF32 and bfloat16 (FP32 accumulate) on the tensor cores. Matched
+# as whole words against torch.cuda.get_device_name() in order, first hit wins: a variant comes before its family.
+DATASHEET_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIE", {"float32": 51.2, "tf32": 378.0, "bfloat16": 756.0}),
+    ("H100 NVL", {}),  # its datasheets have given the numbers per pair of cards and per card: left out
+    ("H100", {"float32": 66.9, "tf32": 494.7, "bfloat16": 989.4}),  # SXM5: "NVIDIA H100 80GB HBM3"
+    ("H200 NVL", {"float32": 60.0, "tf32": 417.5, "bfloat16": 835.5}),
+    ("H200", {"float32": 66.9, "tf32": 494.7, "bfloat16": 989.4}),  # SXM: the H100 SXM5's compute
+    ("A100", {"float32": 19.5, "tf32": 156.0, "bfloat16": 312.0}),
+    ("L40S", {"float32": 91.6, "tf32": 183.0, "bfloat16": 362.05}),
+    ("L40", {"float32": 90.5, "tf32": 90.5, "bfloat16": 181.05}),
+    ("L4", {"float32": 30.3, "tf32": 60.0, "bfloat16": 121.0}),
+    ("A10", {"float32": 31.2, "tf32": 62.5, "bfloat16": 125.0}),
+)
+
+
+def datasheet_peak(device_name: str, dtype: str) -> float | None:
+    """The card's dense datasheet peak in TFLOP/s for ``dtype`` ("float32", "tf32", "bfloat16"), or None for a
+    card or dtype not in :data:`DATASHEET_PEAKS` (and for CPUs, whose clocks a VM does not tell). Names match as
+    whole words, so an A10G is not an A10 and an RTX A1000 not an A100."""
+    name = device_name.upper().replace("-", " ")
+    for key, peaks in DATASHEET_PEAKS:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(key)}(?![A-Z0-9])", name):
+            return peaks.get(dtype)
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: str = "pgd", steps: int = 40,
@@ -285,7 +314,9 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     ``train_flop_per_step`` / ``train_tflop_per_s`` (convolutions and matmuls counted, forward and backward; with
     ``baseline`` also ``baseline_flop_per_step`` / ``baseline_tflop_per_s``), ``matmul_tflop_per_s`` and
     ``matmul_dtype`` (see :func:`_matmul_rate`) with ``train_fraction_of_matmul`` (and
-    ``baseline_fraction_of_matmul``), ``device``, ``device_name``, ``torch`` and ``settings``."""
+    ``baseline_fraction_of_matmul``), ``device_peak_tflop_per_s`` (the card's datasheet peak in that dtype,
+    :func:`datasheet_peak`; None on the CPU or for a card not listed) with ``train_fraction_of_peak`` (and
+    ``baseline_fraction_of_peak``), ``device``, ``device_name``, ``torch`` and ``settings``."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if attack not in ATTACKS:
@@ -466,6 +497,12 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
             result["baseline_tflop_per_s"] = ref_flops * base / batch / 1e12
             if matmul_rate:
                 result["baseline_fraction_of_matmul"] = result["baseline_tflop_per_s"] / matmul_rate
+    peak = datasheet_peak(_device_name(dev), matmul_dtype) if dev.type == "cuda" else None
+    result["device_peak_tflop_per_s"] = peak
+    if peak:
+        for who in ("train", "baseline"):
+            if f"{who}_tflop_per_s" in result:
+                result[f"{who}_fraction_of_peak"] = result[f"{who}_tflop_per_s"] / peak
     result.update(_peak_memory(dev, peaks))
     result.update(device=str(dev), device_name=_device_name(dev), torch=torch.__version__, settings=settings)
     return result

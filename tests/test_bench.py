@@ -681,3 +681,33 @@ def test_cli_bench_prints_one_json_object():
     s = out["settings"]
     assert (s["model"], s["width"], s["batch"], s["steps"], s["phase"], s["attack"]) == ("lenet", 1, 8, 2, "admm", "pgd")
     assert out["train_images_per_s"] > 0 and out["baseline_images_per_s"] > 0 and out["peak_memory_bytes"] > 0
+
+
+def test_datasheet_peak_matches_cards_by_whole_name():
+    """The bench reads the achieved TFLOP/s against the card's dense datasheet peak; the card is found by its
+    CUDA device name, a variant before its family, whole words only."""
+    from engine.bench import datasheet_peak
+
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4  # SXM5
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert datasheet_peak("NVIDIA H100 PCIe", "tf32") == 378.0  # not the SXM5's numbers
+    assert datasheet_peak("NVIDIA H100 NVL", "tf32") is None
+    assert datasheet_peak("NVIDIA H200", "bfloat16") == 989.4
+    assert datasheet_peak("NVIDIA H200 NVL", "bfloat16") == 835.5
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "float32") == 19.5
+    assert datasheet_peak("NVIDIA A100 80GB PCIe", "tf32") == 156.0
+    assert datasheet_peak("NVIDIA L40S", "tf32") == 183.0
+    assert datasheet_peak("NVIDIA L4", "bfloat16") == 121.0
+    assert datasheet_peak("NVIDIA A10", "bfloat16") == 125.0
+    assert datasheet_peak("NVIDIA A10G", "bfloat16") is None  # not an A10
+    assert datasheet_peak("NVIDIA RTX A1000", "tf32") is None  # not an A100
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", "float16") is None  # a dtype not listed
+    assert datasheet_peak("AMD EPYC (2 threads)", "float32") is None
+
+
+def test_run_bench_on_the_cpu_reports_no_datasheet_peak():
+    r = run_bench(model="lenet", width=1, batch=4, steps=1, phase="pretrain", device="cpu", repeats=1, warmup=0,
+                  iters=1, baseline=True, eval_batches=0)
+    assert r["device_peak_tflop_per_s"] is None
+    assert "train_fraction_of_peak" not in r and "baseline_fraction_of_peak" not in r
+    assert r["train_fraction_of_matmul"] > 0  # the measured matmul rate is still there to read against
