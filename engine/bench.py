@@ -497,12 +497,13 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
             result["baseline_tflop_per_s"] = ref_flops * base / batch / 1e12
             if matmul_rate:
                 result["baseline_fraction_of_matmul"] = result["baseline_tflop_per_s"] / matmul_rate
-    peak = datasheet_peak(_device_name(dev), matmul_dtype) if dev.type == "cuda" else None
+    device_name = _device_name(dev)
+    peak = datasheet_peak(device_name, matmul_dtype) if dev.type == "cuda" else None
     result["device_peak_tflop_per_s"] = peak
     if peak:
         for who in ("train", "baseline"):
             if f"{who}_tflop_per_s" in result:
                 result[f"{who}_fraction_of_peak"] = result[f"{who}_tflop_per_s"] / peak
     result.update(_peak_memory(dev, peaks))
-    result.update(device=str(dev), device_name=_device_name(dev), torch=torch.__version__, settings=settings)
+    result.update(device=str(dev), device_name=device_name, torch=torch.__version__, settings=settings)
     return result
