@@ -119,10 +119,17 @@ def test_layout_snapshot(tmp_path, utc, size):
             while not settled():
                 assert time.monotonic() - t0 < 30, "the dashboard never caught up with the run directory"
                 await asyncio.sleep(0.05)
-            await pilot.pause()
-            await asyncio.sleep(0.2)
-            await pilot.pause()
-            return screen_text(app)
+            # then until the screen holds still: three captures in a row, 0.1 s apart, the same (a busy
+            # machine can leave a scroll or a plot one refresh behind the state)
+            last, same = None, 0
+            while same < 3:
+                assert time.monotonic() - t0 < 30, "the dashboard never held still"
+                await pilot.pause()
+                await asyncio.sleep(0.1)
+                text = screen_text(app)
+                same = same + 1 if text == last else 1
+                last = text
+            return last
 
     text = asyncio.run(scenario())
     # the content is right whatever the layout: every layer, the state, the last evaluation
