@@ -121,9 +121,9 @@ def test_layout_snapshot(tmp_path, utc, size):
                 await asyncio.sleep(0.05)
             # then until the screen holds still: three captures in a row, 0.1 s apart, the same (a busy
             # machine can leave a scroll or a plot one refresh behind the state)
-            last, same = None, 0
+            last, same, t1 = None, 0, time.monotonic()
             while same < 3:
-                assert time.monotonic() - t0 < 30, "the dashboard never held still"
+                assert time.monotonic() - t1 < 30, "the dashboard never held still"
                 await pilot.pause()
                 await asyncio.sleep(0.1)
                 text = screen_text(app)
