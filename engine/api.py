@@ -1,7 +1,7 @@
 """A small Python API over a run directory, for users and for independent checking of our numbers.
 
-    model = engine.api.load_model("runs/mnist_quick-...")   # eval mode, final weights
-    x, y = engine.api.load_test_set("runs/mnist_quick-...") # x in [0, 1], shape (N, C, H, W)
+    model = robprune.engine.api.load_model("runs/mnist_quick-...")   # eval mode, final weights
+    x, y = robprune.engine.api.load_test_set("runs/mnist_quick-...") # x in [0, 1], shape (N, C, H, W)
 """
 from __future__ import annotations
 

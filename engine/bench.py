@@ -2,9 +2,9 @@
 
 :func:`run_bench` times, in one process, on the same model, batch and attack:
 
-* **ours** -- :func:`engine.pipeline.adversarial_step`, the very function the engine's loop calls, with the
-  engine's setup for the phase (an :class:`~engine.admm.ADMM` object for ``admm``, :class:`~engine.pruning.MaskedParams`
-  for ``retrain``), the engine's optimizer (:func:`engine.pipeline.make_optimizer`), data as float tensors already
+* **ours** -- :func:`robprune.engine.pipeline.adversarial_step`, the very function the engine's loop calls, with the
+  engine's setup for the phase (an :class:`~robprune.engine.admm.ADMM` object for ``admm``, :class:`~robprune.engine.pruning.MaskedParams`
+  for ``retrain``), the engine's optimizer (:func:`robprune.engine.pipeline.make_optimizer`), data as float tensors already
   on the device, and channels_last / bf16 autocast / torch.compile when asked;
 * **baseline** (``baseline=True``) -- :class:`ReferenceLoop`, written here to follow the habits of the published code
   (Ye et al. 2019, which builds on the Madry PGD port): an extra natural forward pass every step (for logging natural
@@ -50,7 +50,7 @@ CIFAR_ATTACK = (8 / 255, 2 / 255)
 def numpy_project(weight: torch.Tensor, scheme: str, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's way of projecting: copy the weight to the host, rank with numpy, copy back.
 
-    Same sets as :func:`engine.pruning.project` (exact counts, stable order among ties), so the two can be
+    Same sets as :func:`robprune.engine.pruning.project` (exact counts, stable order among ties), so the two can be
     checked against each other; returns ``(projected, float mask)`` on the weight's device."""
     w = weight.detach().cpu().numpy().copy()
     shape = w.shape
@@ -203,7 +203,7 @@ def _step_flops(step) -> int | None:
     autograd.grad w.r.t. a leaf, which the attacks use). None where that is not available.
 
     A dispatch mode sees the ops of its own thread only, so the attacks' split into chunks on worker threads
-    (:func:`engine.attacks._split_run`) is off while counting: the chunks' FLOPs add up to the whole batch's."""
+    (:func:`robprune.engine.attacks._split_run`) is off while counting: the chunks' FLOPs add up to the whole batch's."""
     try:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.flop_counter import flop_registry
@@ -441,7 +441,7 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
                     _sync(dev)
                     peaks[who] = int(torch.cuda.max_memory_allocated(dev))
 
-        # ---- PGD evaluation throughput (engine.attacks.evaluate), the model in eval mode, as the engine
+        # ---- PGD evaluation throughput (robprune.engine.attacks.evaluate), the model in eval mode, as the engine
         # evaluates: in float32 (no bf16 autocast: reported accuracies are float32 ones), inputs as stored
         eval_runs = []
         if eval_batches:

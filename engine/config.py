@@ -13,11 +13,12 @@ import difflib
 import math
 import re
 import tomllib
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from engine.errors import ConfigError, UserError
+from robprune.engine.errors import ConfigError, UserError
 
 OVERRIDE_SOURCE = "--set"
 LAYERS_KEY = "prune.layers"
@@ -484,13 +485,64 @@ def apply_overrides(d: dict, overrides: Sequence[str], source: str) -> dict:
     return _apply_overrides(d, overrides, source)[0]
 
 
+# --------------------------------------------------------------------------------------------- built-in profiles
+
+
+def _profiles_root() -> Path:
+    """The folder of the built-in profiles (package data of ``robprune.profiles``)."""
+    return Path(str(resources.files("robprune.profiles")))
+
+
+def builtin_profiles() -> dict[str, Path]:
+    """The profiles shipped with the package, by name (``mnist_quick`` -> its .toml), sorted by name."""
+    root = _profiles_root()
+    return {p.stem: p for p in sorted(root.glob("*.toml"))}
+
+
+def presets_dir() -> Path:
+    """The folder of the built-in experiment presets (``cpu``, ``paper``, ``tiny``)."""
+    return _profiles_root() / "experiments"
+
+
+def profile_description(path: Path) -> str:
+    """The first sentence of a profile's leading comment (its one-line description)."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(lines)
+    end = re.search(r"\.\s+(?=[A-Z])", text)
+    return text[:end.start() + 1] if end else text
+
+
+def resolve_profile(arg: str | Path) -> Path:
+    """Where PROFILE points: a file path when one exists there (a path always wins); otherwise a built-in profile
+    named ``NAME``, ``NAME.toml`` or ``profiles/NAME.toml`` (so the commands in the docs work from any directory).
+    Anything else is returned as given, for :func:`load_profile` to report."""
+    p = Path(arg)
+    if p.exists() or p.is_symlink():
+        return p
+    if p.parent in (Path("."), Path("profiles")) and p.suffix in ("", ".toml"):
+        builtin = builtin_profiles().get(p.stem if p.suffix else p.name)
+        if builtin is not None:
+            return builtin
+    return p
+
+
 def load_profile(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a TOML profile, apply ``--set`` overrides and validate; errors are one-line UserErrors."""
+    """Read a TOML profile (a path, or the name of a built-in one), apply ``--set`` overrides and validate;
+    errors are one-line UserErrors."""
     source = str(path)
-    p = Path(path)
+    p = resolve_profile(path)
+    if p != Path(path):
+        source = str(p)  # a built-in profile: errors name the file that was read
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
+        if p.parent in (Path("."), Path("profiles")):  # it may have meant a built-in profile
+            raise UserError(f"{source}: no such profile file, and no built-in profile of that name (built-in: "
+                            f"{', '.join(builtin_profiles())})") from None
         raise UserError(f"{source}: no such profile file") from None
     except IsADirectoryError:
         raise UserError(f"{source}: is a directory, expected a TOML profile file") from None

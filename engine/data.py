@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from engine.errors import DataError
+from robprune.engine.errors import DataError
 
 DATASET_NAMES = ("mnist-5k", "mnist", "cifar10", "synthetic")
 

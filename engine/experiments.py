@@ -1,6 +1,6 @@
 """The paper's experiments as commands: each is a list of runs, then a report a researcher can paste into a paper.
 
-    from engine.experiments import Experiment
+    from robprune.engine.experiments import Experiment
     exp = Experiment("lottery", "profiles/mnist_quick.toml", out="experiments/lottery", preset="cpu",
                      overrides=["run.seed=1", "exp.targets=[2]"], progress=print)
     results = exp.run()            # blocking; exp.stop() from another thread stops the current run with a checkpoint
@@ -45,14 +45,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import data as data_mod
-from .config import Config, SCHEMES, dump_toml, load_profile
+from .config import Config, SCHEMES, dump_toml, load_profile, presets_dir
 from .errors import ConfigError, UserError
 from .models import build_model, prunable_parameters
 from .rundir import RunDir, atomic_torch_save, atomic_write_text, safe_torch_load
 
 EXPERIMENTS = ("weight-dist", "scratch-vs-pruned", "lottery", "transfer", "schemes")
 PRESETS = ("cpu", "paper", "tiny")
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "experiments"
 PARAM_PREFIX = "exp."
 PHASE_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones", "gamma",
               "eps_warmup")
@@ -79,7 +78,7 @@ class ExperimentStopped(Exception):
 def preset_path(preset: str | Path) -> Path:
     p = Path(preset)
     if str(preset) in PRESETS:
-        return PRESETS_DIR / f"{preset}.toml"
+        return presets_dir() / f"{preset}.toml"
     if p.suffix == ".toml":
         return p
     raise UserError(f"--preset {preset}: expected one of {', '.join(PRESETS)} or a .toml file"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from engine.errors import ConfigError
+from robprune.engine.errors import ConfigError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 

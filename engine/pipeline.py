@@ -1,8 +1,8 @@
 """The three-phase pipeline: adversarial pretraining -> ADMM -> hard prune + masked retraining.
 
 :class:`Engine` runs on one thread (the session's background thread, or the main thread headless). It
-reads commands from a :class:`~engine.control.Control` at every step boundary and emits events on an
-:class:`~engine.events.EventBus`. Host syncs happen only at the emission interval (``run.log_interval_s``),
+reads commands from a :class:`~robprune.engine.control.Control` at every step boundary and emits events on an
+:class:`~robprune.engine.events.EventBus`. Host syncs happen only at the emission interval (``run.log_interval_s``),
 at epoch ends and when a command asks for one: per-step loss and accuracy accumulate on the device.
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model's own format: oneDNN then runs every convolution in that layout, forward and both gradients, and
     skips its reorders (train-mode forward + backward, batch 128, 2 threads: ResNet-18 w=4 400 -> 334 ms,
     LeNet w=4 19.9 -> 13.3 ms, VGG-16 w=4 254 -> 204 ms). Not for a model with
-    :func:`~engine.models.cpu_channels_last_hazard` (oneDNN crashes there), nor one without convolutions.
+    :func:`~robprune.engine.models.cpu_channels_last_hazard` (oneDNN crashes there), nor one without convolutions.
     The weights keep their format; their gradients come back in it."""
     if x.device.type != "cpu" or x.dim() != 4:
         return x
@@ -145,7 +145,7 @@ class Engine:
     """One run of the pipeline. Build it, then call :meth:`run` (blocking).
 
     ``on_nonfinite``: what a non-finite loss or weight does -- ``"stop"`` (headless: the run ends with a
-    :class:`~engine.errors.NonFiniteError`) or ``"pause"`` (a dashboard is attached: pause and say so).
+    :class:`~robprune.engine.errors.NonFiniteError`) or ``"pause"`` (a dashboard is attached: pause and say so).
     Either way no checkpoint is written from that state on, so the last good one is kept."""
 
     def __init__(self, cfg: Config, rundir: RunDir, bus: EventBus, control: Control,

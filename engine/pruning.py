@@ -20,7 +20,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from engine.errors import ConfigError
+from robprune.engine.errors import ConfigError
 
 SCHEMES = ("irregular", "filter", "column")
 

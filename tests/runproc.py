@@ -13,16 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def robprune(*args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m tui.cli ARGS`` to completion."""
-    return subprocess.run([sys.executable, "-m", "tui.cli", *map(str, args)], capture_output=True, text=True,
+    """Run ``python -m robprune ARGS`` to completion."""
+    return subprocess.run([sys.executable, "-m", "robprune", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env or ENV, timeout=timeout)
 
 
 def spawn(*args, **kw) -> subprocess.Popen:
-    """Start ``python -m tui.cli ARGS`` in the background (stdout and stderr captured unless given)."""
+    """Start ``python -m robprune ARGS`` in the background (stdout and stderr captured unless given)."""
     kw.setdefault("stdout", subprocess.PIPE)
     kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen([sys.executable, "-m", "tui.cli", *map(str, args)], cwd=ROOT, env=ENV, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-m", "robprune", *map(str, args)], cwd=ROOT, env=ENV, text=True, **kw)
 
 
 def records(path: Path) -> list[dict]:

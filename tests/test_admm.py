@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.admm import ADMM
-from engine.models import build_model, prunable_parameters
-from engine.pruning import n_pruned, project
+from robprune.engine.admm import ADMM
+from robprune.engine.models import build_model, prunable_parameters
+from robprune.engine.pruning import n_pruned, project
 
 
 def _setup(rho=0.01, mult=1.3):

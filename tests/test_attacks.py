@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import attacks
-from engine import data as data_mod
-from engine.attacks import attack, evaluate, fgsm_rs, pgd
-from engine.models import build_model
+from robprune.engine import attacks
+from robprune.engine import data as data_mod
+from robprune.engine.attacks import attack, evaluate, fgsm_rs, pgd
+from robprune.engine.models import build_model
 
 
 @pytest.fixture(scope="module")

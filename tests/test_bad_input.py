@@ -1,4 +1,4 @@
-"""The bad-input corpus: every case runs the real command line (`python -m tui.cli ...`) and must exit with code
+"""The bad-input corpus: every case runs the real command line (`python -m robprune ...`) and must exit with code
 2, print exactly one non-empty line on stderr with no traceback, name the file and the key or what was wrong
 and what was expected -- and lose nothing (no half-made run directory, a resumable one left as it was)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.events import StepMetrics
-from engine.session import Session
+from robprune.engine.events import StepMetrics
+from robprune.engine.session import Session
 from tests.conftest import TINY
 from tests.runproc import ENV, ROOT, one_line_error, robprune
 
@@ -296,7 +296,7 @@ def test_full_disk_while_writing_a_checkpoint(tmp_path):
             return real_write(fd, data)
         os.write = write
         sys.argv = ["robprune", "run", {str(p)!r}, "--run-dir", {str(rd)!r}, "-q", "--set", "phases.pretrain.epochs=3"]
-        from tui.cli import main
+        from robprune.tui.cli import main
         main()
     """)
     r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, cwd=ROOT, env=ENV,

@@ -24,13 +24,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.attacks as attacks
-from engine.admm import ADMM
-from engine.bench import ReferenceLoop, numpy_project, run_bench
-from engine.config import PhaseConfig
-from engine.models import build_model, prunable_parameters
-from engine.pipeline import adversarial_step, make_optimizer, train_input
-from engine.pruning import MaskedParams, apply_masks_, layer_scheme, project
+import robprune.engine.attacks as attacks
+from robprune.engine.admm import ADMM
+from robprune.engine.bench import ReferenceLoop, numpy_project, run_bench
+from robprune.engine.config import PhaseConfig
+from robprune.engine.models import build_model, prunable_parameters
+from robprune.engine.pipeline import adversarial_step, make_optimizer, train_input
+from robprune.engine.pruning import MaskedParams, apply_masks_, layer_scheme, project
 
 ARCHS = [("lenet", 2, 1, 28), ("vgg16", 1, 3, 32), ("resnet18", 2, 3, 32), ("wrn", 1, 3, 32)]
 
@@ -641,7 +641,7 @@ def test_run_bench_counts_the_flops_of_split_attacks_and_of_the_reference(two_th
 
 
 def test_minor_faults_count_fresh_pages():
-    from engine.bench import _minor_faults
+    from robprune.engine.bench import _minor_faults
 
     before = _minor_faults()
     buf = np.empty(64 << 20, dtype=np.uint8)  # above glibc's largest mmap threshold: fresh pages from the OS
@@ -659,7 +659,7 @@ def test_run_bench_rejects_bad_settings():
 
 
 def test_channels_last_hazard_names_the_conv_and_its_stride():
-    from engine.models import cpu_channels_last_hazard
+    from robprune.engine.models import cpu_channels_last_hazard
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 8, 1, stride=3))
     msg = cpu_channels_last_hazard(net)
@@ -670,7 +670,7 @@ def test_channels_last_hazard_names_the_conv_and_its_stride():
 
 def test_cli_bench_prints_one_json_object():
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "tui.cli", "bench", "--model", "lenet", "--width", "1", "--batch", "8",
+    r = subprocess.run([sys.executable, "-m", "robprune", "bench", "--model", "lenet", "--width", "1", "--batch", "8",
                         "--steps", "2", "--repeats", "1", "--warmup", "1", "--iters", "1", "--baseline"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -686,7 +686,7 @@ def test_cli_bench_prints_one_json_object():
 def test_datasheet_peak_matches_cards_by_whole_name():
     """The bench reads the achieved TFLOP/s against the card's dense datasheet peak; the card is found by its
     CUDA device name, a variant before its family, whole words only."""
-    from engine.bench import datasheet_peak
+    from robprune.engine.bench import datasheet_peak
 
     assert datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4  # SXM5
     assert datasheet_peak("NVIDIA H100 80GB HBM3", "tf32") == 494.7

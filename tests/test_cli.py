@@ -15,7 +15,7 @@ ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 
 
 def robprune(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tui.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "robprune", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=ENV, timeout=timeout)
 
 

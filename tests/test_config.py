@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import (
+from robprune.engine.config import (
     AttackSpec,
     Config,
     PhaseConfig,
@@ -18,7 +18,7 @@ from engine.config import (
     load_profile,
     schema_keys,
 )
-from engine.errors import ConfigError, UserError
+from robprune.engine.errors import ConfigError, UserError
 
 FULL_PROFILE = """\
 [run]

@@ -12,8 +12,8 @@ import torch
 from torchvision.datasets import cifar as tv_cifar
 from torchvision.datasets import mnist as tv_mnist
 
-from engine import data
-from engine.data import (
+from robprune.engine import data
+from robprune.engine.data import (
     BatchLoader,
     DataSpec,
     Dataset,
@@ -26,7 +26,7 @@ from engine.data import (
     stratified_order,
     to_float,
 )
-from engine.errors import DataError
+from robprune.engine.errors import DataError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Embedded mnist-5k

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_profile
-from engine.errors import UserError
-from engine.experiments import (EXPERIMENTS, Experiment, ExperimentStopped, lottery_init, sliced_state)
-from engine.models import build_model, prunable_parameters
-from engine.pruning import n_pruned
-from engine.rundir import safe_torch_load
+from robprune.engine.config import load_profile
+from robprune.engine.errors import UserError
+from robprune.engine.experiments import (EXPERIMENTS, Experiment, ExperimentStopped, lottery_init, sliced_state)
+from robprune.engine.models import build_model, prunable_parameters
+from robprune.engine.pruning import n_pruned
+from robprune.engine.rundir import safe_torch_load
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -359,12 +359,12 @@ def test_paper_ratios():
 def test_cli_experiment(done, base):
     out, _, _ = done["lottery"]
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "tui.cli", "experiment", "lottery", str(base), "--out", str(out),
+    r = subprocess.run([sys.executable, "-m", "robprune", "experiment", "lottery", str(base), "--out", str(out),
                         "--preset", "tiny", "--no-plots"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"report: {out / 'report.md'}" in r.stdout
     assert "reused" in r.stderr and "Table 1 (lottery): " in r.stderr
-    r = subprocess.run([sys.executable, "-m", "tui.cli", "experiment", "lottery", str(base), "--preset", "tiny",
+    r = subprocess.run([sys.executable, "-m", "robprune", "experiment", "lottery", str(base), "--preset", "tiny",
                         "--set", "exp.widht=3"], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -372,7 +372,7 @@ def test_cli_experiment(done, base):
 
 
 def test_engine_imports_no_ui_or_plotting_libraries():
-    code = ("import sys, engine.experiments; "
+    code = ("import sys, robprune.engine.experiments; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'textual', 'plotext', 'matplotlib'}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)

@@ -8,10 +8,10 @@ import time
 import pytest
 import torch
 
-from engine.errors import NonFiniteError
-from engine.events import CheckpointSaved, LayerStats, LogLine, NonFinite
-from engine.rundir import read_jsonl
-from engine.session import Session
+from robprune.engine.errors import NonFiniteError
+from robprune.engine.events import CheckpointSaved, LayerStats, LogLine, NonFinite
+from robprune.engine.rundir import read_jsonl
+from robprune.engine.session import Session
 from tests.conftest import TINY
 from tests.runproc import one_line_error, robprune
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.errors import ConfigError
-from engine.models import MODELS, build_model, count_parameters, prunable_parameters, register
+from robprune.engine.errors import ConfigError
+from robprune.engine.models import MODELS, build_model, count_parameters, prunable_parameters, register
 
 SMALL = [
     ("lenet", 1, {}),

@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
-from engine import api
-from engine.errors import ConfigError
-from engine.events import CommandApplied, EvalResult, Finished, StepMetrics
-from engine.models import prunable_parameters
-from engine.pruning import n_pruned
-from engine.rundir import read_jsonl
-from engine.session import Session
+from robprune.engine import api
+from robprune.engine.errors import ConfigError
+from robprune.engine.events import CommandApplied, EvalResult, Finished, StepMetrics
+from robprune.engine.models import prunable_parameters
+from robprune.engine.pruning import n_pruned
+from robprune.engine.rundir import read_jsonl
+from robprune.engine.session import Session
 
 
 @pytest.fixture(scope="module")

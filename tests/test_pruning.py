@@ -3,9 +3,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from engine.errors import ConfigError
-from engine.models import build_model, prunable_parameters
-from engine.pruning import (
+from robprune.engine.errors import ConfigError
+from robprune.engine.models import build_model, prunable_parameters
+from robprune.engine.pruning import (
     MaskedParams,
     apply_masks_,
     compute_masks,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.events import CheckpointSaved, EvalResult
-from engine.rundir import read_jsonl
-from engine.session import Session
+from robprune.engine.events import CheckpointSaved, EvalResult
+from robprune.engine.rundir import read_jsonl
+from robprune.engine.session import Session
 from tests.conftest import TINY
 from tests.runproc import records, robprune, spawn, wait_for
 
@@ -199,7 +199,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
 def test_lock_is_released_when_a_session_ends(tmp_path):
     s = Session.new(_tiny(tmp_path), ["phases.pretrain.epochs=1", "phases.admm.epochs=0", "phases.retrain.epochs=0"],
                     tmp_path / "r")
-    from engine.errors import UserError
+    from robprune.engine.errors import UserError
 
     with pytest.raises(UserError, match=f"in use by another robprune process \\(pid {os.getpid()}\\)"):
         Session.resume(tmp_path / "r")
@@ -212,7 +212,7 @@ def test_cuda_rng_restore_uses_the_runs_own_gpu(monkeypatch):
     """A checkpoint holds the generator state of the run's GPU; older ones held one per visible GPU. A resume
     that sees fewer GPUs (CUDA_VISIBLE_DEVICES) restores what it can instead of failing. (Device-free: the
     restore call is recorded, not made.)"""
-    from engine.pipeline import _set_cuda_rng_state
+    from robprune.engine.pipeline import _set_cuda_rng_state
 
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, str(device))))

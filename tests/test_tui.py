@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.control import send_to_run_dir
-from engine.rundir import read_jsonl
-from engine.session import Session
+from robprune.engine.control import send_to_run_dir
+from robprune.engine.rundir import read_jsonl
+from robprune.engine.session import Session
 from tests.conftest import TINY
-from tui.app import RobpruneApp
-from tui.backend import AttachBackend, SessionBackend
-from tui.widgets.layer_table import LayerTable
+from robprune.tui.app import RobpruneApp
+from robprune.tui.backend import AttachBackend, SessionBackend
+from robprune.tui.widgets.layer_table import LayerTable
 
 
 async def until(pred, timeout=60.0, what=""):
@@ -117,7 +117,7 @@ def test_keys_drive_the_engine(tmp_path):
 
 def test_engine_error_shows_in_dashboard_and_export_still_works(tmp_path, monkeypatch):
     s = long_session(tmp_path)
-    import engine.pipeline as pipeline
+    import robprune.engine.pipeline as pipeline
 
     real = pipeline.adversarial_step
     calls = {"n": 0}
@@ -150,7 +150,7 @@ def test_attached_dashboard_follows_a_headless_run_and_pauses_it(tmp_path):
     prof = tmp_path / "tiny.toml"
     prof.write_text(TINY)
     rd = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "tui.cli", "run", str(prof), "--run-dir", str(rd), "-q",
+    proc = subprocess.Popen([sys.executable, "-m", "robprune", "run", str(prof), "--run-dir", str(rd), "-q",
                              "--set", "phases.admm.epochs=500"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -241,7 +241,7 @@ def test_resumed_run_shows_its_history(tmp_path):
 def test_tui_bad_input_is_one_line_exit_2(tmp_path):
     for args, part in ((["nope.toml"], "nope.toml"), (["--attach", str(tmp_path)], "not a robprune run directory"),
                        ([], "exactly one of PROFILE")):
-        r = subprocess.run([sys.executable, "-m", "tui.main", *args], capture_output=True, text=True, timeout=120,
+        r = subprocess.run([sys.executable, "-m", "robprune.tui.main", *args], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "COLUMNS": "200"})
         assert r.returncode == 2, (args, r.stderr)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

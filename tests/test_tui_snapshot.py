@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tui.app import RobpruneApp
-from tui.backend import AttachBackend
+from robprune.tui.app import RobpruneApp
+from robprune.tui.backend import AttachBackend
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 T0 = 1_800_000_000.0

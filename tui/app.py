@@ -2,7 +2,7 @@
 
 The app gets a backend (an in-process engine session, or a run directory to follow) injected. Records
 arrive from a background thread through ``post_message`` (thread-safe, non-blocking); handlers only
-update a :class:`~tui.state.RunState`; a timer redraws what changed a few times a second.
+update a :class:`~robprune.tui.state.RunState`; a timer redraws what changed a few times a second.
 """
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Footer, RichLog
 
-from engine.errors import UserError
-from tui.backend import Backend
-from tui.screens.dialogs import ConfirmQuit, HelpScreen, RhoDialog, SummaryScreen
-from tui.state import RunState
-from tui.widgets.header import RunHeader
-from tui.widgets.layer_table import LayerTable
-from tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
+from robprune.engine.errors import UserError
+from robprune.tui.backend import Backend
+from robprune.tui.screens.dialogs import ConfirmQuit, HelpScreen, RhoDialog, SummaryScreen
+from robprune.tui.state import RunState
+from robprune.tui.widgets.header import RunHeader
+from robprune.tui.widgets.layer_table import LayerTable
+from robprune.tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
 
 LOG_STYLE = {"error": "bold red", "traceback": "red", "warning": "yellow", "eval": "cyan", "command": "magenta",
              "checkpoint": "blue", "phase": "bold", "admm": "green", "finished": "bold cyan", "export": "blue"}
@@ -185,7 +185,7 @@ class RobpruneApp(App):
 
     @work(thread=True, exclusive=True, group="export")
     def _export(self) -> None:
-        from engine.summary import export_run
+        from robprune.engine.summary import export_run
 
         try:
             paths = export_run(self.backend.run_dir)

@@ -1,6 +1,6 @@
 """Where the dashboard's records come from and where its commands go.
 
-- :class:`SessionBackend`: an engine in this process (a :class:`engine.session.Session` on its thread);
+- :class:`SessionBackend`: an engine in this process (a :class:`robprune.engine.session.Session` on its thread);
   records are the engine's events as dicts, commands go through its thread-safe queue.
 - :class:`AttachBackend`: a run started elsewhere (``robprune run`` under nohup or tmux). Records are read
   by following the run directory's ``metrics.jsonl`` and ``events.jsonl``; commands are appended to its
@@ -15,9 +15,9 @@ import tomllib
 from pathlib import Path
 from typing import Callable
 
-from engine.control import send_to_run_dir
-from engine.errors import UserError
-from engine.rundir import JsonlTail
+from robprune.engine.control import send_to_run_dir
+from robprune.engine.errors import UserError
+from robprune.engine.rundir import JsonlTail
 
 Post = Callable[[dict], None]
 

@@ -16,12 +16,31 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from engine.errors import UserError
+from robprune.engine.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's formatter, which joins a docstring's lines into paragraphs and wraps them to the
+# terminal (rich's keeps the docstring's hard line breaks); completion: `robprune --install-completion`
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Concurrent adversarial training and ADMM pruning (Ye et al., ICCV 2019).")
 err = Console(stderr=True)
 out = Console()
+
+
+def version_option(prog: str):
+    """A ``--version`` option for ``prog`` (eager: it prints and exits before anything else is checked)."""
+    def show(value: bool) -> None:
+        if value:
+            from robprune import __version__
+
+            typer.echo(f"{prog} {__version__}")
+            raise typer.Exit()
+
+    return typer.Option(False, "--version", callback=show, is_eager=True, help="Print the version and exit.")
+
+
+@app.callback()
+def _root(version: bool = version_option("robprune")) -> None:
+    """Concurrent adversarial training and ADMM pruning (Ye et al., ICCV 2019)."""
 
 
 def fail(exc: BaseException) -> None:
@@ -32,7 +51,8 @@ def fail(exc: BaseException) -> None:
 
 @app.command()
 def run(
-    profile: Optional[Path] = typer.Argument(None, help="Profile TOML (e.g. profiles/mnist_quick.toml)."),
+    profile: Optional[Path] = typer.Argument(None, help="Profile: a TOML file, or a built-in profile's name "
+                                                        "(mnist_quick; `robprune profiles` lists them)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a profile key: --set attack.train.steps=10."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue RUN_DIR from its last checkpoint."),
@@ -44,8 +64,8 @@ def run(
     Ctrl-C (the first with a checkpoint, a second at once); 2 bad input; 3 the run diverged (a non-finite loss
     or weight: the last good checkpoint is kept); 1 any other error (traceback in events.jsonl).
     """
-    from engine.errors import NonFiniteError
-    from tui.headless import HeadlessPrinter, summary_table
+    from robprune.engine.errors import NonFiniteError
+    from robprune.tui.headless import HeadlessPrinter, summary_table
 
     try:
         if resume is not None:
@@ -54,10 +74,10 @@ def run(
         elif profile is None:
             raise UserError("missing PROFILE (e.g. robprune run profiles/mnist_quick.toml)")
         else:
-            from engine.config import load_profile
+            from robprune.engine.config import load_profile
 
             load_profile(profile, overrides)  # a bad profile fails at once, before torch is even imported
-        from engine.session import Session
+        from robprune.engine.session import Session
 
         session = Session.resume(resume) if resume is not None else Session.new(profile, overrides, run_dir)
         session.prepare()
@@ -153,6 +173,18 @@ def _stop_at_once(run_dir: Path) -> None:
     os._exit(130)
 
 
+@app.command("profiles")
+def profiles_cmd() -> None:
+    """List the built-in profiles, one a line: name and description. Give the name wherever a PROFILE goes
+    (robprune run mnist_quick); a file path is read instead when one exists."""
+    from robprune.engine.config import builtin_profiles, profile_description
+
+    found = builtin_profiles()
+    pad = max(map(len, found), default=0)
+    for name, path in found.items():
+        out.print(f"{name:<{pad}}  {profile_description(path)}", highlight=False, markup=False, soft_wrap=True)
+
+
 @app.command("eval")
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
@@ -165,9 +197,9 @@ def eval_cmd(
     """Evaluate a finished run: natural and PGD accuracy, printed as JSON and appended to events.jsonl."""
     import torch
 
-    from engine import api, data
-    from engine.attacks import evaluate
-    from engine.rundir import RunDir
+    from robprune.engine import api, data
+    from robprune.engine.attacks import evaluate
+    from robprune.engine.rundir import RunDir
 
     try:
         cfg = api.load_config(run_dir)
@@ -189,7 +221,7 @@ def eval_cmd(
 @app.command()
 def export(run_dir: Path = typer.Argument(..., help="A run directory (finished, or with a checkpoint).")) -> None:
     """Write summary.json, summary.md and metrics.csv into the run directory."""
-    from engine.summary import export_run
+    from robprune.engine.summary import export_run
 
     try:
         paths = export_run(run_dir)
@@ -220,9 +252,9 @@ def experiment_cmd(
     experiment sets for that run (width, pruning ratios, initial weights, epochs). Re-running the same command
     reuses the finished runs and resumes an interrupted one from its checkpoint. Exit codes as for `run`.
     """
-    from engine.errors import NonFiniteError
-    from engine.experiments import Experiment, ExperimentStopped
-    from tui.experiment_view import ExperimentPrinter, draw_plots, print_findings
+    from robprune.engine.errors import NonFiniteError
+    from robprune.engine.experiments import Experiment, ExperimentStopped
+    from robprune.tui.experiment_view import ExperimentPrinter, draw_plots, print_findings
 
     printer = ExperimentPrinter(err, quiet=quiet)
     try:
@@ -296,7 +328,7 @@ def bench_cmd(
     eval_batches: int = typer.Option(1, "--eval-batches", help="Batches in the PGD evaluation timing (0 = skip)."),
 ) -> None:
     """Time adversarial training steps (and PGD evaluation); print one JSON object."""
-    from engine.bench import run_bench
+    from robprune.engine.bench import run_bench
 
     try:
         result = run_bench(model=model, width=width, batch=batch, attack=attack, steps=steps, phase=phase,

@@ -7,7 +7,7 @@ import threading
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from engine import events as ev
+from robprune.engine import events as ev
 
 
 class ExperimentPrinter:

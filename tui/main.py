@@ -6,15 +6,16 @@ from typing import List, Optional
 
 import typer
 
-from engine.errors import UserError
-from tui.cli import fail
+from robprune.engine.errors import UserError
+from robprune.tui.cli import fail, version_option
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 @app.command()
 def tui(
-    profile: Optional[Path] = typer.Argument(None, help="Profile TOML to start a run with."),
+    profile: Optional[Path] = typer.Argument(None, help="Profile to start a run with: a TOML file, or a built-in "
+                                                        "profile's name (`robprune profiles` lists them)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a profile key: --set admm.rho=0.01."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue RUN_DIR from its last checkpoint."),
@@ -22,11 +23,12 @@ def tui(
     refresh_hz: float = typer.Option(4.0, "--refresh-hz", min=0.2, max=30.0, help="Redraws per second."),
     low_refresh: bool = typer.Option(False, "--low-refresh", help="1 redraw per second, for slow links."),
     ansi: bool = typer.Option(False, "--ansi", help="Use the terminal's 16 ANSI colours."),
+    version: bool = version_option("robprune-tui"),
 ) -> None:
     """Watch, steer and export a robprune run: p pause, r rho, e eval, c checkpoint, x export, q quit, ? help."""
-    from engine.session import Session
-    from tui.app import RobpruneApp
-    from tui.backend import AttachBackend, SessionBackend
+    from robprune.engine.session import Session
+    from robprune.tui.app import RobpruneApp
+    from robprune.tui.backend import AttachBackend, SessionBackend
 
     try:
         chosen = sum(x is not None for x in (profile, resume, attach))

@@ -6,7 +6,7 @@ from pathlib import Path
 from rich.text import Text
 from textual.widgets import Static
 
-from tui.state import RunState, fmt_duration
+from robprune.tui.state import RunState, fmt_duration
 
 STATE_STYLE = {"running": "bold green", "paused": "bold yellow", "finished": "bold cyan", "stopped": "bold yellow",
                "error": "bold red", "starting": "bold"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import DataTable
 
-from tui.state import RunState
+from robprune.tui.state import RunState
 
 COLUMNS = ("layer", "shape", "params", "target", "sparsity", "<thr", "primal", "rho")
 # Columns whose values change during a run get a fixed width (wide enough for a bar and for _num's 7 characters), so the

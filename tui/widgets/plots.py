@@ -5,7 +5,7 @@ import math
 
 from textual_plotext import PlotextPlot
 
-from tui.state import RunState
+from robprune.tui.state import RunState
 
 
 def thin(series, n: int) -> list:
