@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KINDS = ("pgd", "fgsm-rs", "none")
+from .config import ATTACK_KINDS as KINDS
 FAST_ATTACK = True  # differentiate the folded eval-mode rewrite of the model (see attack_model)
-# conv + 2x2 max-pool pairs with at most this many input channels run space-to-depth on the CPU. Measured
-# on LeNet w=4, batch 128: one input channel (MNIST) 1.3-1.6x faster per attack iteration; three (CIFAR) slower.
+# conv + 2x2 max-pool pairs with at most this many input channels run space-to-depth on the CPU: it pays with
+# one input channel (MNIST), not with three (CIFAR); see docs/performance.md.
 S2D_MAX_IN_CHANNELS = 1
 INPLACE_RELU = True  # the rewrite's ReLUs of values nothing else reads run in place (one allocation fewer)
 # PGD keeps its iterate space-to-depth when the model's input goes straight into a space-to-depth layer
@@ -122,10 +122,10 @@ class _AttackConvPool(nn.Module):
     kernel) whose ``4 * O`` output channels are the four positions of each pooling window, ordered
     (row, column, channel). A k x k "same" convolution becomes a (2r+1) x (2r+1) one with ``r = (k // 2 + 1) // 2``
     (3 x 3 for k = 3 or 5) over four times the channels: more multiply-adds (1.44x for k = 5), but oneDNN runs
-    the input gradient of a convolution with one input channel several times slower than that of one with
-    four. The max-pool then reduces the four window positions of each channel; seen as a channels_last
-    tensor ``(N, O, H/2 * W/2, 4)`` that is a ``(1, 4)`` max-pool over the positions in row-major order, which
-    keeps max_pool2d's rule for ties (the first position gets the gradient), and runs max_pool2d's
+    the input gradient of a convolution with one input channel much slower than that of one with four (see
+    docs/performance.md). The max-pool then reduces the four window positions of each channel; seen as a
+    channels_last tensor ``(N, O, H/2 * W/2, 4)`` that is a ``(1, 4)`` max-pool over the positions in row-major
+    order, which keeps max_pool2d's rule for ties (the first position gets the gradient), and runs max_pool2d's
     channels_last kernels, forward and backward, on the convolution's output as it lies in memory. The values
     equal conv + max-pool up to float rounding. Elsewhere (not the CPU, odd height or width) it is the plain conv and max-pool."""
 
@@ -491,9 +491,8 @@ def _split_run(fn, net: nn.Module, model: nn.Module, *batch: Tensor) -> Tensor:
     """``fn(net, *batch)`` for a per-example ``fn`` (row i of the result depends on row i of each batch
     tensor only): on the CPU cut into :func:`_n_chunks` chunks along the first dimension, each run on a worker
     thread with one intra-op thread, the results concatenated. Small layers on many threads leave oneDNN's
-    parallel loops short of work; independent chunks keep every core busy (LeNet w=4, batch 128, PGD-40, 2
-    threads: 7-9% more images/s per training step, results unchanged; ResNet-18 w=4: within noise). A worker
-    runs its chunk in :func:`_pieces`, one after another."""
+    parallel loops short of work; independent chunks keep every core busy, with the same results (see
+    docs/performance.md). A worker runs its chunk in :func:`_pieces`, one after another."""
     n = _n_chunks(net, model, batch[0])
     if n == 1:
         return fn(net, *batch)
@@ -547,9 +546,8 @@ def _example_bytes(net: nn.Module, x: Tensor) -> int:
 def _pieces(net: nn.Module, x: Tensor, chunk: int) -> int:
     """Into how many pieces a worker cuts a chunk of ``chunk`` rows of ``x``: the fewest whose forward
     activations stay within ``WORKER_PIECE_BYTES``, with no piece under ``SPLIT_MIN_CHUNK // 2`` rows.
-    ResNet-18 w=4 (CIFAR, 1.4 MB per example): a 64-example chunk in 3 pieces; PGD-10 on 128 examples, 2
-    threads, the two in one process: 1840 against 2035 ms per attack, page faults 664 against 131,797.
-    LeNet w=4 (MNIST, 36 KB per example): one piece."""
+    ResNet-18 w=4 (CIFAR, 1.4 MB per example): a 64-example chunk in 3 pieces. LeNet w=4 (MNIST, 36 KB per
+    example): one piece. Timings and page faults: docs/performance.md."""
     if not WORKER_PIECE_BYTES or getattr(net, "graph", None) is None:
         return 1
     need = -(-chunk * _example_bytes(net, x) // WORKER_PIECE_BYTES)

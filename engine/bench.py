@@ -31,14 +31,12 @@ import torch.nn.functional as F
 from . import attacks
 from .admm import ADMM
 from .attacks import evaluate, split_chunks
-from .config import PhaseConfig
+from .config import ATTACK_KINDS, PHASES, PhaseConfig
 from .models import build_model, cpu_channels_last_hazard, prunable_parameters
 from .pipeline import adversarial_step, make_optimizer
 from .pruning import MaskedParams, layer_scheme, n_pruned, project
 
 MODELS = ("lenet", "resnet18", "vgg16", "wrn")
-ATTACKS = ("pgd", "fgsm-rs", "none")
-PHASES = ("pretrain", "admm", "retrain")
 
 # The papers' attack settings per data shape: MNIST eps 0.3, step 0.01; CIFAR-10 eps 8/255, step 2/255.
 MNIST_ATTACK = (0.3, 0.01)
@@ -319,8 +317,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     ``baseline_fraction_of_peak``), ``device``, ``device_name``, ``torch`` and ``settings``."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
-    if attack not in ATTACKS:
-        raise ValueError(f"attack must be one of {', '.join(ATTACKS)}, got {attack!r}")
+    if attack not in ATTACK_KINDS:
+        raise ValueError(f"attack must be one of {', '.join(ATTACK_KINDS)}, got {attack!r}")
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
     for name, v, lo in (("width", width, 1), ("batch", batch, 1), ("steps", steps, 0), ("repeats", repeats, 1),

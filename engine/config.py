@@ -1,4 +1,5 @@
-"""Run profiles: the typed schema, TOML loading with validation, ``--set`` overrides and a TOML writer.
+"""Run profiles: the typed schema, TOML loading with validation, ``--set`` overrides, the TOML writer and the
+comparison of two resolved profiles.
 
 A profile is a TOML file whose tables mirror the dataclasses below. ``load_profile`` reads one, applies
 ``dotted.key=value`` overrides and validates everything; any problem raises a one-line ``UserError``
@@ -18,11 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import tomli_w
+
 from robprune.engine.errors import ConfigError, UserError
 
 OVERRIDE_SOURCE = "--set"
 LAYERS_KEY = "prune.layers"
 
+PHASES = ("pretrain", "admm", "retrain")  # the pipeline's training phases, in order
 ATTACK_KINDS = ("pgd", "fgsm-rs", "none")
 EVAL_ATTACK_KINDS = ("pgd", "fgsm-rs")
 SCHEMES = ("irregular", "filter", "column")
@@ -245,7 +249,7 @@ for _which, _kinds in (("train", ATTACK_KINDS), ("eval", EVAL_ATTACK_KINDS)):
         f"attack.{_which}.steps": _int(1),
         f"attack.{_which}.restarts": _int(1),
     })
-for _phase in ("pretrain", "admm", "retrain"):
+for _phase in PHASES:
     _RULES.update({
         f"phases.{_phase}.epochs": _int(0),
         f"phases.{_phase}.optimizer": _choice("sgd", "adam"),
@@ -435,7 +439,7 @@ def from_dict(d: dict, source: str) -> Config:
 # --------------------------------------------------------------------------------------------- overrides
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A TOML value (``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``), else the text as a plain string."""
     try:
         parsed = tomllib.loads(f"v = {text}")
@@ -471,7 +475,7 @@ def _apply_overrides(d: dict, overrides: Sequence[str], source: str) -> tuple[di
                 dotted = ".".join(parts[: i + 1])
                 raise ConfigError(source, dotted, "a table", _found(sub))
             table = sub
-        table[parts[-1]] = _parse_value(raw.strip())
+        table[parts[-1]] = parse_value(raw.strip())
         overridden.add(key)
     return out, overridden
 
@@ -562,64 +566,66 @@ def load_profile(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 # --------------------------------------------------------------------------------------------- TOML writer
 
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
-
-def _toml_str(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(k: str, *, quote: bool = False) -> str:
-    return k if not quote and _BARE_KEY.fullmatch(k) else _toml_str(k)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)  # shortest round-tripping form, e.g. 0.001, 1e-05, 1e+20: all valid TOML floats
-    if isinstance(v, str):
-        return _toml_str(v)
+def toml_value(v: Any) -> str:
+    """One value as TOML text on one line (arrays inline), for ``dotted.key=value`` overrides and listings."""
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        if v:
+            raise TypeError("cannot write a non-empty table as one TOML value")
+        return "{}"
+    return tomli_w.dumps({"v": v}).removeprefix("v = ").removesuffix("\n")
 
 
 def dump_toml(d: dict) -> str:
-    """Write nested dicts as TOML: scalars and lists first, then each sub-table under its own header.
+    """Write nested dicts as TOML with tomli_w: scalars and lists first (a non-empty list one item a line), then each
+    sub-table under its own header.
 
     Keys of ``[prune.layers]`` are always quoted (they are layer names or globs).
     """
-    lines: list[str] = []
+    table, _, name = LAYERS_KEY.partition(".")
+    parent = d.get(table)
+    layers = parent.get(name) if isinstance(parent, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        return tomli_w.dumps(d)
+    lines = tomli_w.dumps({**d, table: {**parent, name: {}}}).split("\n")
+    at = lines.index(f"[{LAYERS_KEY}]") + 1
+    lines[at:at] = [f"{toml_value(str(k))} = {toml_value(v)}" for k, v in layers.items()]
+    return "\n".join(lines)
 
-    def table(t: dict, path: list[str]) -> None:
-        dotted = ".".join(path)
-        quote = dotted == LAYERS_KEY
-        scalars = [(k, v) for k, v in t.items() if not isinstance(v, dict)]
-        subs = [(k, v) for k, v in t.items() if isinstance(v, dict)]
-        if path and (scalars or not subs):
-            if lines:
-                lines.append("")
-            lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
-        for k, v in scalars:
-            lines.append(f"{_toml_key(str(k), quote=quote)} = {_toml_value(v)}")
-        for k, v in subs:
-            table(v, [*path, str(k)])
 
-    table(d, [])
-    return "\n".join(lines) + "\n"
+# --------------------------------------------------------------------------------------------- profile comparison
+
+_MISSING = "<missing>"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested tables as one level of dotted keys; an empty table stays a key of its own (value ``{}``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key) or {key: {}})
+        else:
+            out[key] = v
+    return out
+
+
+def profile_change(old: str, new: str, *, ignore: Sequence[str] = (), arrow: str = "->",
+                   unreadable: str = "?") -> str | None:
+    """How two profile texts differ in their values, for a one-line message: ``key: old <arrow> new`` for the first
+    differing dotted key (``and N more`` when there are others), or None when they hold the same values (formatting
+    aside, and leaving out the keys in ``ignore``). A text that is not TOML differs at the key ``unreadable``."""
+    if old == new:
+        return None
+    try:
+        a, b = flatten(tomllib.loads(old)), flatten(tomllib.loads(new))
+    except tomllib.TOMLDecodeError:
+        a, b = {unreadable: "?"}, {}
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING) and k not in ignore]
+    if not diff:
+        return None
+    k = diff[0]
+    more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+    return f"{k}: {a.get(k, _MISSING)!r} {arrow} {b.get(k, _MISSING)!r}{more}"

@@ -383,3 +383,21 @@ def test_settings_that_do_not_change_numbers_do_not_block_reuse(done, base):
     results = Experiment("lottery", base, out=out, preset="tiny",
                          overrides=["run.threads=2", "run.log_interval_s=0.5"]).run()
     assert {r["status"] for r in results["runs"].values()} == {"reused"}
+
+
+def test_report_without_matplotlib(base, tmp_path):
+    """Without matplotlib (the ``plots`` extra) the same report is written without PNGs, and report.md says so."""
+    out = tmp_path / "lottery"
+    code = ("import sys; sys.modules['matplotlib'] = None; "
+            "from robprune.engine.experiments import Experiment; "
+            f"Experiment('lottery', {str(base)!r}, out={str(out)!r}, preset='tiny').run()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(out.rglob("*.png"))
+    md = (out / "report.md").read_text()
+    assert [ln for ln in md.splitlines() if "robprune[plots]" in ln] == [
+        "Figures skipped: matplotlib is not installed; `pip install 'robprune[plots]'` adds them."]
+    assert "![" not in md
+    results = json.loads((out / "results.json").read_text())
+    assert results["figures"] == [] and results["figures_skipped"] == "matplotlib is not installed"
+    assert set(md_tables(md)) == {"lottery"} and results["plots"]

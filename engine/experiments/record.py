@@ -1,0 +1,99 @@
+"""What results.json records besides the tables: the experiment's settings, seeds, attack settings and versions,
+and one record per run (role, status, final accuracies, sparsity, times, the sha256 of its resolved profile)."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..rundir import atomic_write_text
+from .presets import preset_path
+from .runs import RunResult
+from .tables import Table
+
+if TYPE_CHECKING:
+    from .runner import Experiment
+
+
+def results_record(e: Experiment, title: str, results: dict, seconds: float) -> dict:
+    """results.json's dict: the experiment's title and settings, seeds, attacks, versions and runs, then ``results``
+    (the report's tables, plots and extra numbers); copies every run's profile to OUT/profiles."""
+    out = e.out
+    (out / "profiles").mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for name, r in e.runs.items():
+        text = (r.path / "profile.toml").read_text(encoding="utf-8")
+        atomic_write_text(out / "profiles" / f"{name}.toml", text)
+        runs[name] = run_record(r, text, f"profiles/{name}.toml")
+    cfg = e.cfg0
+    init_files = sorted(str(p.relative_to(out)) for p in (out / "init").glob("*.pt")) if (out / "init").is_dir() else []
+    results = {
+        "experiment": e.name, "title": title, "preset": e.preset_name,
+        "preset_file": str(preset_path(e.preset_name)), "preset_description": e.preset.get("description", ""),
+        "base_profile": str(e.profile), "overrides": e.user_overrides, "param_overrides": e.param_sets,
+        "params": e.params,
+        "out": str(out), "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "wall_seconds": round(seconds, 3),
+        "train_seconds": round(sum(r["train_seconds"] for r in runs.values()), 3),
+        "trained_this_call": sorted(n for n, r in e.runs.items() if r.status != "reused"),
+        "seeds": {"run.seed": e.seed, "init_files": init_files,
+                  "init": f"build_model(...) after torch.manual_seed({e.seed}), saved as a state_dict"},
+        "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size, "train_subset": cfg.data.train_subset,
+                 "final_eval_examples": sorted({r["n"] for r in runs.values() if r["n"] is not None})},
+        "model": {"arch": cfg.model.arch},
+        "attack": {"train": _attack_dict(cfg.attack.train), "eval": _attack_dict(cfg.attack.eval)},
+        "versions": versions(),
+        "runs": runs,
+        **results,
+    }
+    results["tables"] = [t.to_dict() if isinstance(t, Table) else t for t in results.get("tables", [])]
+    return results
+
+
+def _attack_dict(a) -> dict:
+    return {"kind": a.kind, "eps": a.eps, "step_size": a.step_size, "steps": a.steps, "restarts": a.restarts}
+
+
+def versions() -> dict:
+    import torchvision
+
+    from ..rundir import _version
+
+    v = {"robprune": _version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+         "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import numpy
+
+        v["numpy"] = numpy.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from importlib.metadata import version
+
+        v["matplotlib"] = version("matplotlib")
+    except Exception:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+        v["gpu"] = torch.cuda.get_device_name(0)
+    return v
+
+
+def run_record(r: RunResult, profile_text: str, profile: str) -> dict:
+    """A run's entry in results.json's ``runs``: its role, status, final accuracies, sparsity and times."""
+    s = r.summary
+    sp = s["sparsity"]
+    return {
+        "role": r.spec.role, "status": r.status, "run_dir": str(r.path),
+        "profile": profile,
+        "profile_sha256": hashlib.sha256(profile_text.encode()).hexdigest(),
+        "nat_acc": s["final"]["nat_acc"], "adv_acc": s["final"]["adv_acc"], "n": s["final"]["n"],
+        "attack": s["final"]["attack"], "device": s.get("device"), "steps": s.get("steps"),
+        "prunable_params": sp["prunable_params"], "prunable_nonzero": sp["prunable_nonzero"],
+        "sparsity": sp["prunable"], "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
+        "train_seconds": round(sum(s.get("phase_seconds", {}).values()), 3),
+        "wall_seconds_this_call": round(r.wall_seconds, 3),
+    }
