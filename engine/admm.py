@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .control import RHO_RANGE
 from .pruning import project
 
 
@@ -88,9 +89,14 @@ class ADMM:
         if layer is not None and layer not in self.rho:
             raise KeyError(f"no ADMM layer named {layer!r}; layers: {', '.join(self.rho)}")
         keys = [layer] if layer is not None else list(self.rho)
-        for k in keys:
-            self.rho[k] = self.rho[k] * value if multiply else float(value)
-        return {k: self.rho[k] for k in keys}
+        new = {k: self.rho[k] * value if multiply else float(value) for k in keys}
+        lo, hi = RHO_RANGE
+        bad = {k: v for k, v in new.items() if not lo <= v <= hi}
+        if bad:  # nothing changes: a multiply must not carry any layer out of range
+            k, v = next(iter(bad.items()))
+            raise ValueError(f"rho of {k} would be {v:g}; expected {lo:g} to {hi:g}")
+        self.rho.update(new)
+        return new
 
     def state_dict(self) -> dict:
         return {"Z": dict(self.Z), "U": dict(self.U), "Z_prev": dict(self.Z_prev), "rho": dict(self.rho),

@@ -26,14 +26,20 @@ class Event:
 
 
 @dataclass
-class StepMetrics(Event):
-    """Training progress, emitted at most every ``run.log_interval_s`` seconds (and at epoch ends)."""
+class MetricEvent(Event):
+    """A record for metrics.jsonl: where in the run it was taken (global step, epoch, phase)."""
 
-    type: ClassVar[str] = "step"
     metric: ClassVar[bool] = True
     step: int
     epoch: int
     phase: str
+
+
+@dataclass
+class StepMetrics(MetricEvent):
+    """Training progress, emitted at most every ``run.log_interval_s`` seconds (and at epoch ends)."""
+
+    type: ClassVar[str] = "step"
     batch: int  # batches done in this epoch
     batches: int  # batches per epoch
     epochs: int  # epochs of this phase
@@ -45,12 +51,8 @@ class StepMetrics(Event):
 
 
 @dataclass
-class EvalResult(Event):
+class EvalResult(MetricEvent):
     type: ClassVar[str] = "eval"
-    metric: ClassVar[bool] = True
-    step: int
-    epoch: int
-    phase: str
     nat_acc: float
     adv_acc: float
     n: int
@@ -59,26 +61,18 @@ class EvalResult(Event):
 
 
 @dataclass
-class LayerStats(Event):
+class LayerStats(MetricEvent):
     """Per-layer sparsity and ADMM state: one dict per prunable layer."""
 
     type: ClassVar[str] = "layers"
-    metric: ClassVar[bool] = True
-    step: int
-    epoch: int
-    phase: str
     layers: list
 
 
 @dataclass
-class Residuals(Event):
+class Residuals(MetricEvent):
     """ADMM residuals per layer: primal ||W-Z||/||W||, dual rho*||Z_k - Z_(k-1)||, and rho."""
 
     type: ClassVar[str] = "residuals"
-    metric: ClassVar[bool] = True
-    step: int
-    epoch: int
-    phase: str
     update: int  # number of Z/U updates so far
     layers: dict
 

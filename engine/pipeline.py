@@ -26,8 +26,8 @@ except ImportError:  # pragma: no cover - numpy comes with torchvision
 from . import data as data_mod
 from .admm import ADMM
 from .attacks import attack, channels_last_strides, evaluate
-from .config import Config, PhaseConfig
-from .control import Command, Control
+from .config import PHASES, Config, PhaseConfig
+from .control import (CheckpointNow, Command, Control, EvalNow, Pause, Refused, Resume, SetRho, Stop)
 from .errors import ConfigError, NonFiniteError, UserError
 from .events import (CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished, LayerStats,
                      LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
@@ -36,7 +36,6 @@ from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_t
 from .rundir import RunDir, atomic_torch_save, safe_torch_load
 from .summary import build_summary, write_summary
 
-PHASES = ("pretrain", "admm", "retrain")
 CHECKPOINT_FORMAT = 1
 NONFINITE_ACTIONS = ("stop", "pause")
 # evaluations that compete for best.pt: those on the live subset, during a training phase
@@ -88,8 +87,7 @@ _CPU_CL_INPUT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDic
 def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``x`` as the training forward takes it. On the CPU, a batch of images goes in channels_last whatever the
     model's own format: oneDNN then runs every convolution in that layout, forward and both gradients, and
-    skips its reorders (train-mode forward + backward, batch 128, 2 threads: ResNet-18 w=4 400 -> 334 ms,
-    LeNet w=4 19.9 -> 13.3 ms, VGG-16 w=4 254 -> 204 ms). Not for a model with
+    skips its reorders (measured: docs/performance.md). Not for a model with
     :func:`~robprune.engine.models.cpu_channels_last_hazard` (oneDNN crashes there), nor one without convolutions.
     The weights keep their format; their gradients come back in it."""
     if x.device.type != "cpu" or x.dim() != 4:
@@ -215,6 +213,7 @@ class Engine:
         if cfg.run.init and self.resume_state is None:
             self._load_init(cfg.run.init)
         self.params = prunable_parameters(self.model)
+        self.control.layers = self.params  # the layers a set_rho may name
         # a glob matching no layer is reported where it came from: the profile, or a --set override
         self.ratios = resolve_targets(list(self.params), cfg.prune.ratio, cfg.prune.layers,
                                       source=lambda key: cfg.origin(f"prune.layers.{key}"))
@@ -320,11 +319,16 @@ class Engine:
             rho = self.cfg.admm.rho
             self.admm = ADMM(self.params, self.ratios, self.schemes, rho, self.cfg.admm.rho_multiplier)
             if self.pending_rho is not None:
-                self.admm.set_rho(**self.pending_rho)
+                try:
+                    self.admm.set_rho(**self.pending_rho)
+                except (KeyError, ValueError) as exc:
+                    self.log("warning", f"stored set_rho refused: {exc.args[0]}")
                 self.pending_rho = None
             self._record_rho("init")
             self.bus.emit(Residuals(update=0, layers=self.admm.residuals(), **self._where()))
-            self.log("info", f"ADMM: Z = Proj(W), U = 0 for {len(self.admm.layers)} layers, rho {rho:g}")
+            lo, hi = min(self.admm.rho.values(), default=rho), max(self.admm.rho.values(), default=rho)
+            shown = f"rho {lo:g}" if lo == hi else f"rho {lo:g} to {hi:g} (per layer)"
+            self.log("info", f"ADMM: Z = Proj(W), U = 0 for {len(self.admm.layers)} layers, {shown}")
         if name == "retrain":
             self._hard_prune()
             self.masked = MaskedParams(self.params, self.masks)
@@ -462,50 +466,54 @@ class Engine:
             self._interval_t0 = time.monotonic()
 
     def _apply(self, cmd: Command) -> None:
+        """Apply one checked command (see :mod:`robprune.engine.control`); each leaves an event of its name."""
+        if isinstance(cmd, Refused):
+            self.log("warning", f"command refused: {cmd.reason}")
+            return
         args: dict = {}
-        if cmd.name == "pause":
+        if isinstance(cmd, Pause):
             if self.paused:
                 return
             self._emit_step()
             self.paused, self.state = True, "paused"
-            self.bus.emit(CommandApplied(command="pause", args={}, step=self.step))
+            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
             self._save_checkpoint("pause")
             return
-        if cmd.name == "resume":
+        if isinstance(cmd, Resume):
             if not self.paused:
                 return
             self.paused, self.state = False, "running"
             self._interval_t0 = time.monotonic()
-        elif cmd.name == "set_rho":
-            value, layer, multiply = cmd.args["value"], cmd.args.get("layer"), bool(cmd.args.get("multiply"))
+        elif isinstance(cmd, SetRho):
+            value, layer, multiply = cmd.value, cmd.layer, cmd.multiply
             if self.admm is not None:
                 try:
                     args["rho"] = self.admm.set_rho(value, layer, multiply)
-                except KeyError as exc:
-                    self.log("warning", f"set_rho ignored: {exc.args[0]}")
+                except (KeyError, ValueError) as exc:
+                    self.log("warning", f"set_rho refused: {exc.args[0]}")
                     return
                 self._record_rho("set_rho")
             elif self.phase in ("setup", "pretrain"):
                 if layer is not None and layer not in self.params:
-                    self.log("warning", f"set_rho ignored: no layer named {layer!r}")
+                    self.log("warning", f"set_rho refused: no layer named {layer!r}")
                     return
                 self.pending_rho = {"value": value, "layer": layer, "multiply": multiply}
                 args["pending"] = True
                 self.log("info", "rho change stored; it applies when the ADMM phase starts")
             else:
-                self.log("warning", f"set_rho ignored: no ADMM state in phase {self.phase}")
+                self.log("warning", f"set_rho refused: no ADMM state in phase {self.phase}")
                 return
             args.update(value=value, layer=layer, multiply=multiply)
-        elif cmd.name == "eval_now":
-            self.bus.emit(CommandApplied(command="eval_now", args={}, step=self.step))
+        elif isinstance(cmd, EvalNow):
+            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
             self._evaluate("now")
             return
-        elif cmd.name == "checkpoint":
-            self.bus.emit(CommandApplied(command="checkpoint_now", args={}, step=self.step))
+        elif isinstance(cmd, CheckpointNow):
+            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
             self._save_checkpoint("command")
             return
-        elif cmd.name == "stop":
-            self.bus.emit(CommandApplied(command="stop", args={}, step=self.step))
+        elif isinstance(cmd, Stop):
+            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
             raise StopRequested()
         self.bus.emit(CommandApplied(command=cmd.name, args=args, step=self.step))
 

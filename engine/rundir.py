@@ -41,6 +41,31 @@ from .events import Event
 FORMAT_VERSION = 1
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# One permission rule for a run directory and everything in it: what the user's umask allows, but never writable
+# by group or others (only the run's user may change its records or steer it).
+_UMASK = _read_umask()
+FILE_MODE = 0o666 & ~_UMASK & ~0o022
+DIR_MODE = 0o777 & ~_UMASK & ~0o022
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_append(path: Path, mode: int = FILE_MODE) -> int:
+    """Open ``path`` for appending (created with ``mode`` if missing) without following a symlink: a link planted
+    where the engine writes is refused with a one-line :class:`UserError`."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path}: is a symlink; robprune never writes through one: remove it") from None
+        raise
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -58,6 +83,7 @@ def atomic_write_bytes(path: Path, data: bytes, *, hint: str = "") -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes 0600; the run directory's rule applies
             _write_all(fd, data)
             os.fsync(fd)
         finally:
@@ -202,12 +228,23 @@ class RunDir:
     def events(self) -> Path:
         return self.path / "events.jsonl"
 
+    WRITTEN = ("profile.toml", "meta.json", "metrics.jsonl", "events.jsonl", "commands.jsonl", "checkpoint.pt",
+               "best.pt", ".lock", "model.pt", "summary.json", "summary.md", "metrics.csv")
+
+    def check_links(self) -> None:
+        """Refuse a run directory where a file the engine writes or locks is a symlink (it would write through
+        it, or replace it): one line naming the file."""
+        for name in self.WRITTEN:
+            if (self.path / name).is_symlink():
+                raise UserError(f"{self.path / name}: is a symlink; robprune never writes through one: remove it")
+
     # --- creation
     def create(self, profile_toml: str, *, exist_ok: bool = False) -> None:
         if self.path.exists() and any(self.path.iterdir()) and not exist_ok:
             raise UserError(f"{self.path}: run directory already exists and is not empty "
                             "(choose another --run-dir, or resume it)")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        self.check_links()
         atomic_write_text(self.profile, profile_toml)
         meta = {"format": FORMAT_VERSION, "created": time.time(), "torch": torch.__version__,
                 "python": platform.python_version(), "robprune": _version()}
@@ -221,9 +258,12 @@ class RunDir:
         lock dies with its process, so a run killed with SIGKILL never leaves a stale lock behind."""
         if self._lock_fd is not None:
             return
+        self.check_links()
         try:
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UserError(f"{self.lock_file}: is a symlink; robprune never writes through one: remove it") from None
             raise UserError(f"{self.lock_file}: cannot create the lock file: {(exc.strerror or str(exc)).lower()}: "
                             f"make {self.path} writable") from None
         if fcntl is not None:
@@ -257,8 +297,8 @@ class RunDir:
         return gone
 
     def open_logs(self) -> None:
-        self._metrics = open(self.metrics, "a", encoding="utf-8")
-        self._events = open(self.events, "a", encoding="utf-8")
+        self._metrics = os.fdopen(open_append(self.metrics), "a", encoding="utf-8")
+        self._events = os.fdopen(open_append(self.events), "a", encoding="utf-8")
 
     def close(self) -> None:
         with self._lock:
@@ -282,7 +322,7 @@ class RunDir:
             target = self.metrics if event.metric else self.events
             try:
                 if f is None:
-                    with open(target, "a", encoding="utf-8") as g:
+                    with os.fdopen(open_append(target), "a", encoding="utf-8") as g:
                         g.write(line)
                     return
                 f.write(line)
@@ -297,7 +337,7 @@ class RunDir:
         record = {"t": time.time(), **record}
         line = json.dumps(record, default=_json_default) + "\n"
         with self._lock:
-            with open(self.events, "a", encoding="utf-8") as g:
+            with os.fdopen(open_append(self.events), "a", encoding="utf-8") as g:
                 g.write(line)
 
     def metrics_lines(self) -> int:

@@ -3,7 +3,8 @@
     s = Session.new("profiles/mnist_quick.toml", ["admm.rho=0.01"])
     s.subscribe(print)          # any number of subscribers, each gets every event
     s.start()
-    s.pause(); s.set_rho(0.02); s.resume(); s.eval_now(); s.checkpoint(); s.stop()
+    s.send(Pause()); s.send(SetRho(0.02)); s.send(Resume()); s.send(EvalNow()); s.send(CheckpointNow())
+    s.stop()
     s.join()
 
 Commands go through a thread-safe queue and are applied by the engine at the next step boundary; each
@@ -14,12 +15,11 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import tomllib
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, dump_toml, load_profile
-from .control import COMMAND_FILE, Control
+from .config import Config, dump_toml, load_profile, profile_change
+from .control import COMMAND_FILE, Command, Control
 from .errors import UserError
 from .events import Event, EventBus, Subscriber
 from .pipeline import CHECKPOINT_FORMAT, Engine
@@ -110,20 +110,9 @@ class Session:
     def subscribe(self, fn: Subscriber):
         return self.bus.subscribe(fn)
 
-    def pause(self) -> None:
-        self.control.pause()
-
-    def resume_run(self) -> None:
-        self.control.resume()
-
-    def set_rho(self, value: float, layer: str | None = None, multiply: bool = False) -> None:
-        self.control.set_rho(value, layer, multiply)
-
-    def eval_now(self) -> None:
-        self.control.eval_now()
-
-    def checkpoint(self) -> None:
-        self.control.checkpoint()
+    def send(self, cmd: Command) -> None:
+        """Queue a command (:mod:`robprune.engine.control`); the engine applies it at the next step boundary."""
+        self.control.send(cmd)
 
     def stop(self) -> None:
         self.control.stop()
@@ -186,33 +175,13 @@ def _check_meta(rd: RunDir) -> None:
                         f"{FORMAT_VERSION}: use the robprune version that wrote it")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key) or {key: {}})
-        else:
-            out[key] = v
-    return out
-
-
 def _check_same_profile(rd: RunDir, saved: str) -> None:
     """The profile.toml of a run directory must still say what the checkpoint was trained with."""
     if not saved:
         return
-    current = rd.profile.read_text(encoding="utf-8")
-    if current == saved:
-        return
-    try:
-        old, new = _flatten(tomllib.loads(saved)), _flatten(tomllib.loads(current))
-    except tomllib.TOMLDecodeError:
-        old, new = {"?": "?"}, {}
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k, "<missing>") != new.get(k, "<missing>")]
-    if not diff:
-        return  # reformatted, same values
-    k = diff[0]
-    more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
-    raise UserError(f"{rd.profile}: changed after the checkpoint was written ({k}: {old.get(k, '<missing>')!r} -> "
-                    f"{new.get(k, '<missing>')!r}{more}): a run resumes with the profile it started with; undo the "
-                    f"edit, or start a new run (--set run.init={rd.checkpoint} starts from its weights)")
+    change = profile_change(saved, rd.profile.read_text(encoding="utf-8"))
+    if change is None:
+        return  # the same text, or reformatted with the same values
+    raise UserError(f"{rd.profile}: changed after the checkpoint was written ({change}): a run resumes with the "
+                    f"profile it started with; undo the edit, or start a new run (--set run.init={rd.checkpoint} "
+                    f"starts from its weights)")

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from robprune.engine.control import CheckpointNow
 from robprune.engine.errors import NonFiniteError
 from robprune.engine.events import CheckpointSaved, LayerStats, LogLine, NonFinite
 from robprune.engine.rundir import read_jsonl
@@ -62,7 +63,7 @@ def test_dashboard_session_pauses_and_says_so(tmp_path, tiny_profile):
     assert len(nf) == 1 and nf[0].action == "pause" and nf[0].phase == "admm"
     logs = [e.message for e in got if isinstance(e, LogLine) and e.level == "error"]
     assert any(m.startswith("paused: ") and "non-finite" in m and "no checkpoint will be written" in m for m in logs)
-    s.checkpoint()  # asked for by the user: refused, the last good one stays
+    s.send(CheckpointNow())  # asked for by the user: refused, the last good one stays
     s.stop()
     assert s.join(60) and s.error is None
     assert s.state == "stopped"

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from robprune.engine.control import CheckpointNow, EvalNow, Pause, Resume, SetRho
 from robprune.engine import api
 from robprune.engine.errors import ConfigError
 from robprune.engine.events import CommandApplied, EvalResult, Finished, StepMetrics
@@ -129,18 +130,18 @@ def test_commands_pause_rho_eval_checkpoint_stop_and_resume(tmp_path, tiny_profi
     s.prepare()
     s.start()
     assert _until(lambda: s.engine.admm is not None and s.engine.step > 20)
-    s.pause()
+    s.send(Pause())
     assert _until(lambda: s.state == "paused")
     step = s.engine.step
     time.sleep(1.5)
     assert s.engine.step == step  # no training step while paused
-    s.set_rho(0.25, layer="fc1.weight")
-    s.set_rho(2.0, multiply=True)
-    s.eval_now()
-    s.checkpoint()
+    s.send(SetRho(0.25, layer="fc1.weight"))
+    s.send(SetRho(2.0, multiply=True))
+    s.send(EvalNow())
+    s.send(CheckpointNow())
     assert _until(lambda: sum(isinstance(e, CommandApplied) for e in got) >= 5)  # applied while paused
     assert s.engine.admm.rho["fc1.weight"] == pytest.approx(0.5)  # set to 0.25, then all layers x2
-    s.resume_run()
+    s.send(Resume())
     assert _until(lambda: s.engine.step > step + 2)
     s.stop()
     assert s.join(60)

@@ -145,3 +145,18 @@ def test_sigterm_stops_an_experiment_with_a_checkpoint_and_a_rerun_resumes(tmp_p
     results = json.loads((out / "results.json").read_text())
     assert {n: x["status"] for n, x in results["runs"].items()} == {
         "adv-w2": "resumed", "lottery-w2-to-w1": "trained", "admm-w2-to-w1": "trained"}
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path, short_profile):
+    """`nohup robprune run ...`: SIGHUP is ignored when the process starts, and stays ignored, so the run goes on
+    to completion after the terminal is gone."""
+    rd = tmp_path / "r"
+    p = spawn("run", short_profile, "--run-dir", rd, "-q",
+              preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    wait_for(training(rd), p)
+    p.send_signal(signal.SIGHUP)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    ev = records(rd / "events.jsonl")
+    assert [e["status"] for e in ev if e["type"] == "finished"] == ["completed"]
+    assert not [e for e in ev if e["type"] == "checkpoint" and e["reason"] == "stop"]

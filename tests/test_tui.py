@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from robprune.engine.control import send_to_run_dir
+from robprune.engine.control import Stop, send_to_run_dir
 from robprune.engine.rundir import read_jsonl
 from robprune.engine.session import Session
 from tests.conftest import TINY
 from robprune.tui.app import RobpruneApp
 from robprune.tui.backend import AttachBackend, SessionBackend
 from robprune.tui.widgets.layer_table import LayerTable
+from robprune.tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
+from textual.events import Paste, Resize
+from textual.geometry import Size
 
 
 async def until(pred, timeout=60.0, what=""):
@@ -85,7 +88,7 @@ def test_keys_drive_the_engine(tmp_path):
             await pilot.pause()
             await pilot.press(*"-1", "enter")
             await pilot.pause()
-            assert "expected a positive number" in str(app.screen.query_one("#rho-error").render())
+            assert "expected a number from 1e-08 to 1e+06, found -1" in str(app.screen.query_one("#rho-error").render())
             await pilot.press("escape")
             # --- evaluate, checkpoint, export
             await pilot.press("e")
@@ -178,7 +181,7 @@ def test_attached_dashboard_follows_a_headless_run_and_pauses_it(tmp_path):
         asyncio.run(scenario())
         time.sleep(0.5)
         assert proc.poll() is None  # quitting an attached dashboard never stops the run
-        send_to_run_dir(rd, "stop")
+        send_to_run_dir(rd, Stop())
         assert proc.wait(60) == 0
         assert types(rd)[-1] == "finished"
     finally:
@@ -246,3 +249,144 @@ def test_tui_bad_input_is_one_line_exit_2(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and part in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+SIZES = [(60, 20), (250, 80), (80, 24), (200, 60), (61, 21), (160, 50), (100, 30), (250, 79), (120, 40),
+         (73, 27), (180, 45)]
+
+
+def test_resizes_and_theme_changes_in_every_phase_never_stop_the_run(tmp_path):
+    """Eleven terminal sizes from 60x20 to 250x80 in each phase, with data on every plot the phase has (the ADMM
+    residual plot with primal and dual residuals), a theme change and every x range: no plot fails, the app keeps
+    running and the step counter keeps rising. (plotext's own log scale failed on the second build of a figure.)"""
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(TINY)
+    s = Session.new(prof, ["data.synthetic_train=1024", "phases.pretrain.epochs=6", "phases.admm.epochs=60",
+                           "phases.retrain.epochs=300", "eval.every=1"], tmp_path / "run")
+    s.prepare()
+    app = RobpruneApp(SessionBackend(s), refresh_hz=10)
+    seen_phases = []
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            plots = [app.query_one(p) for p in (AccuracyPlot, ResidualPlot, LossPlot)]
+            for phase, ready in (("pretrain", lambda: app.rs.eval_adv and app.rs.loss_series),
+                                 ("admm", lambda: app.rs.primal_series and app.rs.dual_series),
+                                 ("retrain", lambda: app.rs.phase == "retrain" and app.rs.train_acc)):
+                await until(lambda: s.engine.phase == phase and ready(), timeout=120, what=f"{phase} with data")
+                seen_phases.append(s.engine.phase)
+                step = s.engine.step
+                for i, (w, h) in enumerate(SIZES):
+                    # as Pilot.resize_terminal, without its wait for an idle CPU (the engine keeps it busy)
+                    app._driver._size = Size(w, h)
+                    app.post_message(Resize(Size(w, h), Size(w, h)))
+                    await until(lambda: app.size == Size(w, h), what=f"resized to {w}x{h}")
+                    app._plot_t = 0.0  # draw the plots at this size now, not at their 1 Hz pace
+                    app.redraw()
+                    await pilot.pause(0.05)
+                    for plot in plots:  # build each figure again at this size, as the compositor does
+                        plot.render()
+                        assert plot._failure is None, plot._failure
+                    if i == 4:
+                        app.theme = "textual-light" if app.theme != "textual-light" else "textual-dark"
+                        await pilot.press("v")  # next x range
+                        await pilot.pause(0.05)
+                await until(lambda: s.engine.step > step, what=f"steps go on in {phase}")
+                assert app.is_running and s.alive
+            await pilot.press("q")
+            await pilot.pause()
+            await pilot.press("y")
+            await until(lambda: not s.alive, what="engine stopped")
+
+    asyncio.run(scenario())
+    assert seen_phases == ["pretrain", "admm", "retrain"]
+    assert app._exception is None
+    failures = [text for _, level, text in app.rs.log if level == "warning" and "failed" in text]
+    assert failures == []
+    assert app.view == "run"  # three presses of v: run -> phase -> recent -> run
+    ev = read_jsonl(s.rundir.path / "events.jsonl")
+    assert ev[-1]["type"] == "finished" and ev[-1]["status"] == "stopped"
+
+
+def test_a_failing_plot_shows_a_notice_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Any exception while a plot draws or renders: a notice in its place, one warning in the log, the app and
+    the engine keep going, and the other plots still draw."""
+    def boom(self, s, window):
+        raise RuntimeError("plotting bug")
+
+    monkeypatch.setattr(LossPlot, "draw", boom)
+    s = long_session(tmp_path)
+    app = RobpruneApp(SessionBackend(s), refresh_hz=10)
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(lambda: app.rs.loss_series and app.query_one(LossPlot)._failure, what="plot failure")
+            step = s.engine.step
+            for _ in range(3):
+                app._plot_t = 0.0
+                app.redraw()
+                await pilot.pause(0.1)
+            await until(lambda: s.engine.step > step + 5, what="steps go on")
+            assert "plot unavailable (RuntimeError)" in str(app.query_one(LossPlot).render())
+            assert app.query_one(AccuracyPlot)._failure is None
+            assert app.is_running
+            await pilot.press("q")
+            await pilot.pause(0.1)
+            await pilot.press("y")
+            await until(lambda: not s.alive, what="engine stopped")
+
+    asyncio.run(scenario())
+    warnings = [text for _, level, text in app.rs.log if level == "warning" and "loss / lr plot" in text]
+    assert len(warnings) == 1 and "RuntimeError: plotting bug" in warnings[0], warnings
+
+
+DIALOG_HOSTILE = ["1e39", "inf", "-inf", "nan", "1e308", "0", "-1", "abc", "0x10", "1e-9", "", "9" * 400]
+
+
+def test_hostile_rho_dialog_entries_are_refused_before_sending(tmp_path):
+    """Each entry is refused in the dialog with the accepted range; nothing reaches the engine; the run goes on."""
+    s = long_session(tmp_path)
+    app = RobpruneApp(SessionBackend(s), refresh_hz=10)
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(lambda: s.engine.admm is not None and s.engine.step > 12, what="ADMM phase")
+            await pilot.press("p")  # paused, the CPU is idle and Pilot's key presses do not wait for it
+            await until(lambda: s.state == "paused", what="paused")
+            before = dict(s.engine.admm.rho)
+            for entry in DIALOG_HOSTILE:
+                await pilot.press("r")
+                await pilot.pause(0.05)
+                if len(entry) > 12:  # pasted, as a person would a long string
+                    app.screen.query_one("#rho-value").post_message(Paste(entry))
+                    await until(lambda: app.screen.query_one("#rho-value").value == entry, what="pasted")
+                elif entry:
+                    await pilot.press(*entry)
+                await pilot.press("enter")
+                await until(lambda: str(app.screen.query_one("#rho-error").render()),
+                            what=f"the dialog's answer to {entry[:12]!r}")
+                msg = str(app.screen.query_one("#rho-error").render())
+                assert "expected a number from 1e-08 to 1e+06" in msg, (entry, msg)
+                await pilot.press("escape")
+                await pilot.pause(0.05)
+            # multiply mode states its own range
+            await pilot.press("r")
+            await pilot.pause(0.05)
+            await pilot.press(*"5000")
+            await pilot.click("#mode-mul")
+            await pilot.click("#apply")
+            await pilot.pause(0.05)
+            assert "factor: expected a number from 0.001 to 1000, found 5000" in str(
+                app.screen.query_one("#rho-error").render())
+            await pilot.press("escape")
+            assert s.engine.admm.rho == before
+            step = s.engine.step
+            await pilot.press("p")
+            await until(lambda: s.engine.step > step + 5, what="steps go on")
+            await pilot.press("q")
+            await pilot.pause(0.05)
+            await pilot.press("y")
+            await until(lambda: not s.alive, what="engine stopped")
+
+    asyncio.run(scenario())
+    assert not [e for e in read_jsonl(s.rundir.path / "events.jsonl") if e["type"] == "set_rho"]

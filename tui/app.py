@@ -17,10 +17,11 @@ from textual.containers import Horizontal
 from textual.message import Message
 from textual.widgets import Footer, RichLog
 
+from robprune.engine.control import CheckpointNow, Command, EvalNow, Pause, Resume, SetRho
 from robprune.engine.errors import UserError
 from robprune.tui.backend import Backend
 from robprune.tui.screens.dialogs import ConfirmQuit, HelpScreen, RhoDialog, SummaryScreen
-from robprune.tui.state import RunState
+from robprune.tui.state import VIEW_LABELS, VIEWS, RunState
 from robprune.tui.widgets.header import RunHeader
 from robprune.tui.widgets.layer_table import LayerTable
 from robprune.tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
@@ -57,6 +58,7 @@ class RobpruneApp(App):
         Binding("e", "evaluate", "eval"),
         Binding("c", "checkpoint", "ckpt"),
         Binding("x", "export", "export"),
+        Binding("v", "cycle_view", "x range"),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit_app", "quit"),
     ]
@@ -77,6 +79,9 @@ class RobpruneApp(App):
         self._stopping = False
         self.exported: list[Path] = []
         self.ansi = ansi
+        self.view = VIEWS[0]  # the plots' x range: whole run, this phase, last 10 minutes
+        self._panel_failures: set[str] = set()
+        self.user_quit = False  # set when the user quits; any other end of the app leaves the engine running
 
     # ------------------------------------------------------------------ layout
     def compose(self) -> ComposeResult:
@@ -118,13 +123,13 @@ class RobpruneApp(App):
         if self._stopping or (rs.version == self._drawn and self._plotted == rs.version):
             return
         self._drawn = rs.version
-        self.query_one(RunHeader).render_state(rs)
-        self.query_one(LayerTable).render_state(rs)
+        self._safely(RunHeader, lambda w: w.render_state(rs))
+        self._safely(LayerTable, lambda w: w.render_state(rs))
         now = time.monotonic()
         if rs.version != self._plotted and (now - self._plot_t >= self.PLOT_INTERVAL_S or not rs.active):
             self._plotted, self._plot_t = rs.version, now
             for plot in (AccuracyPlot, ResidualPlot, LossPlot):
-                self.query_one(plot).render_state(rs)
+                self._safely(plot, lambda w: w.render_state(rs, self.view))
         log = self.query_one(RichLog)
         new = rs.log_count - self._logged
         if new > 0:
@@ -136,9 +141,31 @@ class RobpruneApp(App):
             self._summary_shown = True
             self.push_screen(SummaryScreen(rs.summary))
 
+    def _safely(self, widget_type, update) -> None:
+        """Update one panel; if that fails, the panel says so, the log gets one warning, the app goes on."""
+        try:
+            update(self.query_one(widget_type))
+        except Exception as exc:  # no panel's failure may end the dashboard (and with it the run)
+            key = f"{widget_type.__name__}:{type(exc).__name__}:{exc}"
+            if key not in self._panel_failures:
+                self._panel_failures.add(key)
+                self.note("warning", f"{widget_type.__name__}: update failed: {type(exc).__name__}: {exc} "
+                                     "(the run goes on)")
+            try:
+                self.query_one(widget_type).border_subtitle = "display error: see the log"
+            except Exception:
+                pass
+
     def note(self, level: str, text: str) -> None:
         self.rs._note(level, text)
         self.rs.version += 1
+
+    def action_cycle_view(self) -> None:
+        self.view = VIEWS[(VIEWS.index(self.view) + 1) % len(VIEWS)]
+        self._plotted = -1  # redraw the plots now
+        self._plot_t = 0.0
+        self.notify(f"plots: {VIEW_LABELS[self.view]}")
+        self.redraw()
 
     # ------------------------------------------------------------------ actions
     def _can_command(self) -> bool:
@@ -147,9 +174,19 @@ class RobpruneApp(App):
             return False
         return True
 
+    def _send(self, cmd: Command) -> bool:
+        """Hand a command to the engine; a refusal (or a run directory we may not write) is a warning, never fatal."""
+        try:
+            self.backend.send(cmd)
+        except (UserError, OSError) as exc:
+            self.notify(f"{cmd.name} not sent: {exc}", severity="warning", timeout=8)
+            self.note("warning", f"{cmd.name} not sent: {exc}")
+            return False
+        return True
+
     def action_toggle_pause(self) -> None:
         if self._can_command():
-            self.backend.send("resume" if self.rs.state == "paused" else "pause")
+            self._send(Resume() if self.rs.state == "paused" else Pause())
 
     def action_rho(self) -> None:
         if not self._can_command():
@@ -158,23 +195,18 @@ class RobpruneApp(App):
         if layer is None and self.backend.layer_names:
             layer = self.backend.layer_names[0]
 
-        def done(result: dict | None) -> None:
-            if result is not None:
-                self.backend.send("set_rho", value=result["value"], layer=result["layer"],
-                                  multiply=result["multiply"])
-                self.notify(f"rho {'x' if result['multiply'] else '='} {result['value']:g} for "
-                            f"{result['layer'] or 'all layers'}: sent")
+        def done(cmd: SetRho | None) -> None:
+            if cmd is not None and self._send(cmd):
+                self.notify(f"rho {'x' if cmd.multiply else '='} {cmd.value:g} for {cmd.layer or 'all layers'}: sent")
 
         self.push_screen(RhoDialog(layer, self.rs.rho.get(layer) if layer else None), done)
 
     def action_evaluate(self) -> None:
-        if self._can_command():
-            self.backend.send("eval_now")
+        if self._can_command() and self._send(EvalNow()):
             self.notify("evaluation requested")
 
     def action_checkpoint(self) -> None:
-        if self._can_command():
-            self.backend.send("checkpoint")
+        if self._can_command() and self._send(CheckpointNow()):
             self.notify("checkpoint requested")
 
     def action_help(self) -> None:
@@ -207,12 +239,19 @@ class RobpruneApp(App):
 
     @work(thread=True, exclusive=True, group="quit")
     def _stop_and_exit(self) -> None:
+        self.user_quit = True
         self.call_from_thread(self.notify, "stopping: checkpoint, then exit ...")
         self.backend.shutdown()
         self._stopping = True
         self.call_from_thread(self.exit)
 
+    @property
+    def crashed(self) -> bool:
+        """The app ended on an exception of its own, not because the user quit."""
+        return self._exception is not None
+
     def on_unmount(self) -> None:
-        # whatever ended the app (q, ctrl+c, an exception), leave no engine thread behind
         self._stopping = True
+        if self.crashed and not self.user_quit:
+            return  # the dashboard failed: the engine keeps training; robprune-tui goes on headless
         self.backend.shutdown()

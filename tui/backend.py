@@ -15,7 +15,8 @@ import tomllib
 from pathlib import Path
 from typing import Callable
 
-from robprune.engine.control import send_to_run_dir
+from robprune.engine.config import PHASES
+from robprune.engine.control import Command, send_to_run_dir
 from robprune.engine.errors import UserError
 from robprune.engine.rundir import JsonlTail
 
@@ -34,7 +35,7 @@ class Backend:
     def start(self, post: Post) -> None:
         raise NotImplementedError
 
-    def send(self, command: str, **args) -> None:
+    def send(self, cmd: Command) -> None:
         raise NotImplementedError
 
     def shutdown(self, timeout: float = 60.0) -> None:
@@ -54,7 +55,7 @@ class SessionBackend(Backend):
         self.name, self.profile = cfg.name, cfg.source
         self.run_dir = session.rundir.path
         self.device = str(getattr(session.engine, "device", cfg.run.device))
-        self.phase_epochs = {p: getattr(cfg.phases, p).epochs for p in ("pretrain", "admm", "retrain")}
+        self.phase_epochs = {p: getattr(cfg.phases, p).epochs for p in PHASES}
         self.layer_names = list(getattr(session.engine, "params", {}) or [])
         self._unsub = None
 
@@ -69,8 +70,8 @@ class SessionBackend(Backend):
         if not self.session.alive and self.session.thread is None:
             self.session.start()
 
-    def send(self, command: str, **args) -> None:
-        self.session.control.send(command, **args)
+    def send(self, cmd: Command) -> None:
+        self.session.send(cmd)
 
     @property
     def alive(self) -> bool:
@@ -102,7 +103,7 @@ class AttachBackend(Backend):
         self.profile = str(prof)
         self.device = f"{cfg.get('run', {}).get('device', '?')} (attached)"
         phases = cfg.get("phases", {})
-        self.phase_epochs = {p: int(phases.get(p, {}).get("epochs", 0)) for p in ("pretrain", "admm", "retrain")}
+        self.phase_epochs = {p: int(phases.get(p, {}).get("epochs", 0)) for p in PHASES}
         self.poll_s = poll_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -122,8 +123,8 @@ class AttachBackend(Backend):
         self._thread = threading.Thread(target=loop, name="robprune-attach", daemon=True)
         self._thread.start()
 
-    def send(self, command: str, **args) -> None:
-        send_to_run_dir(self.run_dir, command, **args)
+    def send(self, cmd: Command) -> None:
+        send_to_run_dir(self.run_dir, cmd)
 
     @property
     def alive(self) -> bool:

@@ -133,7 +133,8 @@ def _say(msg: str) -> None:
 
 def _install_signal_handlers(stop, on_interrupt) -> None:
     """SIGINT calls ``on_interrupt``; SIGTERM and SIGHUP call ``stop`` (the run stops at the next step boundary
-    with a checkpoint), a hang-up after detaching from the terminal that went away."""
+    with a checkpoint), a hang-up after detaching from the terminal that went away. A SIGHUP that is ignored
+    when we start (``nohup robprune run ...``) stays ignored: the run outlives the terminal."""
     def on_stop_signal(signum, frame):
         if signum == getattr(signal, "SIGHUP", None):
             _detach_from_terminal()
@@ -141,8 +142,11 @@ def _install_signal_handlers(stop, on_interrupt) -> None:
 
     signal.signal(signal.SIGINT, on_interrupt)
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
-        if sig is not None:
-            signal.signal(sig, on_stop_signal)
+        if sig is None:
+            continue
+        if sig != signal.SIGTERM and signal.getsignal(sig) == signal.SIG_IGN:
+            continue  # started under nohup: a hang-up must not stop the run
+        signal.signal(sig, on_stop_signal)
 
 
 def _detach_from_terminal(always: bool = False) -> None:
@@ -239,7 +243,7 @@ def experiment_cmd(
                                                                  "runs live in OUT/runs/<run>."),
     overrides: List[str] = typer.Option([], "--set", help="A profile key for every run (--set run.seed=1), or an "
                                                           "experiment parameter (--set exp.widths=[1,2,4])."),
-    preset: str = typer.Option("cpu", "--preset", help="cpu (mnist-5k, ~15 min on 2 cores) | paper (GPU) | tiny "
+    preset: str = typer.Option("cpu", "--preset", help="cpu (mnist-5k, CPU minutes) | paper (GPU) | tiny "
                                                        "(tests), or a preset TOML file."),
     plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw the plots in the terminal "
                                                                          "(default: when stdout is a terminal)."),
@@ -326,8 +330,16 @@ def bench_cmd(
     ratio: float = typer.Option(0.9, "--ratio", help="Pruning ratio of every prunable layer."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam."),
     eval_batches: int = typer.Option(1, "--eval-batches", help="Batches in the PGD evaluation timing (0 = skip)."),
+    history: int = typer.Option(0, "--history", min=0, max=10_000_000,
+                                help="Instead: push this many step records through the dashboard's state and "
+                                     "time each plot's redraw (and the memory the history holds)."),
 ) -> None:
     """Time adversarial training steps (and PGD evaluation); print one JSON object."""
+    if history:
+        from robprune.tui.history_bench import run_history_bench
+
+        print(json.dumps(run_history_bench(history)), flush=True)
+        return
     from robprune.engine.bench import run_bench
 
     try:

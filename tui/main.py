@@ -46,9 +46,43 @@ def tui(
             backend = SessionBackend(session)
     except UserError as exc:
         fail(exc)
-    result = RobpruneApp(backend, refresh_hz=1.0 if low_refresh else refresh_hz, ansi=ansi).run()
+    app_ = RobpruneApp(backend, refresh_hz=1.0 if low_refresh else refresh_hz, ansi=ansi)
+    app_.run()
+    if app_.crashed and not app_.user_quit and backend.owns_run and backend.alive:
+        _continue_headless(backend, app_._exception)
     backend.shutdown()
     typer.echo(f"run directory: {backend.run_dir}")
+
+
+def _continue_headless(backend, exc: BaseException) -> None:
+    """The dashboard failed while its engine was training: the run goes on in this process without a screen.
+    The failure goes to events.jsonl (with its traceback); Ctrl-C, SIGTERM and SIGHUP stop the run with a
+    checkpoint as in ``robprune run``; the exit code is that of the run (1 if the engine failed)."""
+    import traceback
+
+    from robprune.tui.cli import _detach_from_terminal, _install_signal_handlers, _say
+
+    session = backend.session
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        session.rundir.append_event({"type": "log", "level": "error", "message": f"dashboard failed: "
+                                     f"{type(exc).__name__}: {exc}; training goes on headless", "traceback": tb})
+    except OSError:
+        pass
+    _say(f"robprune-tui: the dashboard failed ({type(exc).__name__}: {exc}); training goes on without it.\n"
+         f"  run directory: {backend.run_dir}\n"
+         f"  watch it from another terminal: robprune-tui --attach {backend.run_dir}\n"
+         "  Ctrl-C stops the run with a checkpoint.")
+    _install_signal_handlers(session.stop, lambda signum, frame: session.stop())
+    try:
+        while session.alive:
+            session.join(0.5)
+    except OSError:
+        _detach_from_terminal(always=True)
+        session.join()
+    if session.error is not None:
+        _say(f"robprune-tui: the run failed: {type(session.error).__name__}: {session.error}")
+        raise typer.Exit(1)
 
 
 def main() -> None:

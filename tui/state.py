@@ -10,9 +10,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-PHASES = ("pretrain", "admm", "retrain")
-MAX_POINTS = 2000  # per plotted series: enough for days at the default emission interval, bounded memory
+from robprune.engine.config import PHASES
+from robprune.tui.history import History
+
 MAX_LOG = 500
+# the x ranges the plots can show: the whole run, the current phase, the last RECENT_S seconds
+VIEWS = ("run", "phase", "recent")
+RECENT_S = 600.0
+VIEW_LABELS = {"run": "whole run", "phase": "this phase", "recent": "last 10 min"}
+
+
+def _history():
+    return field(default_factory=History)
 
 
 @dataclass
@@ -41,20 +50,25 @@ class RunState:
     error: str | None = None
     version: int = 0  # bumped on every change; widgets redraw when it moved
     log_count: int = 0  # log lines ever noted (the log deque keeps the last MAX_LOG)
-    # series for the plots: (x, y) pairs, x = global step
-    train_acc: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    eval_nat: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    eval_adv: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    loss_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    lr_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    primal_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
-    dual_series: deque = field(default_factory=lambda: deque(maxlen=MAX_POINTS))
+    # series for the plots, x = global step: the whole run at bounded memory (see tui/history.py)
+    train_acc: History = _history()
+    eval_nat: History = _history()
+    eval_adv: History = _history()
+    loss_series: History = _history()
+    lr_series: History = _history()
+    primal_series: History = _history()
+    dual_series: History = _history()
+    phase_start: dict[str, int] = field(default_factory=dict)  # phase -> global step where it began
+    t_last: float = 0.0  # time of the newest record (the "last 10 min" window ends there)
     log: deque = field(default_factory=lambda: deque(maxlen=MAX_LOG))
     _rate: deque = field(default_factory=lambda: deque(maxlen=30))  # (t, step) for the ETA
 
     # ------------------------------------------------------------------ ingest
     def apply(self, r: dict) -> None:
         kind = r.get("type")
+        t = r.get("t")
+        if isinstance(t, (int, float)) and t > self.t_last:
+            self.t_last = float(t)
         handler = getattr(self, f"_on_{kind}", None)
         if handler is not None:
             handler(r)
@@ -70,15 +84,16 @@ class RunState:
         self.phase, self.epoch, self.epochs = r["phase"], r["epoch"], r["epochs"]
         self.batch, self.batches, self.step = r["batch"], r["batches"], r["step"]
         self.images_per_s, self.loss, self.lr, self.train_adv_acc = r["images_per_s"], r["loss"], r["lr"], r["adv_acc"]
-        self.train_acc.append((self.step, 100 * r["adv_acc"]))
-        self.loss_series.append((self.step, r["loss"]))
-        self.lr_series.append((self.step, r["lr"]))
+        t = r["t"]
+        self.train_acc.append(self.step, 100 * r["adv_acc"], t)
+        self.loss_series.append(self.step, r["loss"], t)
+        self.lr_series.append(self.step, r["lr"], t)
         self._rate.append((r["t"], self.step))
 
     def _on_eval(self, r: dict) -> None:
         self.last_eval = r
-        self.eval_nat.append((r["step"], 100 * r["nat_acc"]))
-        self.eval_adv.append((r["step"], 100 * r["adv_acc"]))
+        self.eval_nat.append(r["step"], 100 * r["nat_acc"], r["t"])
+        self.eval_adv.append(r["step"], 100 * r["adv_acc"], r["t"])
         a = r["attack"]
         self._note("eval", f"eval ({r['reason']}) {r['phase']} epoch {r['epoch']}: natural {100 * r['nat_acc']:.2f}%, "
                            f"{a['kind'].upper()}-{a['steps']} {100 * r['adv_acc']:.2f}% (n={r['n']})", r["t"])
@@ -96,15 +111,16 @@ class RunState:
         n = len(self.residuals)
         primal = sum(v["primal"] for v in self.residuals.values()) / n
         dual = sum(v["dual"] for v in self.residuals.values()) / n
-        self.primal_series.append((r["step"], primal))
+        self.primal_series.append(r["step"], primal, r["t"])
         if r["update"] > 0:
-            self.dual_series.append((r["step"], dual))
+            self.dual_series.append(r["step"], dual, r["t"])
         self.rho.update({k: v["rho"] for k, v in self.residuals.items()})
 
     def _on_phase(self, r: dict) -> None:
         if r["phase"] != "admm" and not r.get("skipped"):
             self.residuals, self.rho = {}, {}  # no ADMM state outside its phase: columns show "--"
         self.phase = r["phase"]
+        self.phase_start[r["phase"]] = r["step"]
         self.epochs = r["epochs"]
         self.epoch = 0
         self.batch = 0
@@ -162,6 +178,14 @@ class RunState:
             self._note("traceback", line, r["t"])
 
     # ------------------------------------------------------------------ derived
+    def window(self, view: str) -> dict:
+        """The :meth:`History.view` bounds of an x range: ``run``, ``phase`` or ``recent``."""
+        if view == "phase" and self.phase in self.phase_start:
+            return {"x_min": self.phase_start[self.phase]}
+        if view == "recent" and self.t_last:
+            return {"t_min": self.t_last - RECENT_S}
+        return {}
+
     @property
     def active(self) -> bool:
         return self.state in ("starting", "running", "paused")

@@ -9,6 +9,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static
 
+from robprune.engine.control import FACTOR_RANGE, RHO_RANGE, CommandError, SetRho
+
 HELP = """\
 [b]robprune dashboard[/b]
 
@@ -20,6 +22,7 @@ HELP = """\
   [b]e[/b]  evaluate now: natural + PGD on the evaluation subset
   [b]c[/b]  checkpoint now
   [b]x[/b]  export summary.json, summary.md, metrics.csv
+  [b]v[/b]  plots' x range: whole run, this phase, last 10 minutes
   [b]q[/b]  quit: asks while the run is active, then checkpoints and
      stops the engine (an attached dashboard just detaches)
   [b]?[/b]  this help            [b]up/down[/b]  select a layer
@@ -41,8 +44,17 @@ class HelpScreen(ModalScreen[None]):
             yield Static(HELP)
 
 
-class RhoDialog(ModalScreen[dict | None]):
-    """Returns {"value": float, "multiply": bool, "layer": str | None} or None when cancelled."""
+class MarkedRadio(RadioButton):
+    """A radio button whose state shows without colour (``--ansi``, monochrome terminals): ● on, ○ off."""
+
+    @property
+    def BUTTON_INNER(self) -> str:  # noqa: N802 - the name Textual's ToggleButton reads
+        return "\u25cf" if self.value else "\u25cb"
+
+
+class RhoDialog(ModalScreen[SetRho | None]):
+    """Returns the checked :class:`~robprune.engine.control.SetRho` command, or None when cancelled. Values
+    outside the engine's ranges are refused here, with the range, before anything is sent."""
 
     BINDINGS = [Binding("escape", "cancel", "cancel")]
 
@@ -55,14 +67,15 @@ class RhoDialog(ModalScreen[dict | None]):
         with Vertical(id="rho-box", classes="dialog"):
             cur = "--" if self.current is None else f"{self.current:.4g}"
             yield Label(f"Change rho (selected layer: {self.target_layer or 'none'}, its rho {cur})")
-            yield Input(placeholder="value, e.g. 0.01 or 2 (to multiply)", id="rho-value")
+            yield Input(placeholder=f"rho {RHO_RANGE[0]:g} to {RHO_RANGE[1]:g}, or a factor {FACTOR_RANGE[0]:g} to "
+                                    f"{FACTOR_RANGE[1]:g} to multiply", id="rho-value")
             with Horizontal(classes="row"):
                 with RadioSet(id="rho-mode"):
-                    yield RadioButton("set", value=True, id="mode-set")
-                    yield RadioButton("multiply", id="mode-mul")
+                    yield MarkedRadio("set", value=True, id="mode-set")
+                    yield MarkedRadio("multiply", id="mode-mul")
                 with RadioSet(id="rho-scope"):
-                    yield RadioButton("all layers", value=True, id="scope-all")
-                    yield RadioButton("selected layer", id="scope-one", disabled=self.target_layer is None)
+                    yield MarkedRadio("all layers", value=True, id="scope-all")
+                    yield MarkedRadio("selected layer", id="scope-one", disabled=self.target_layer is None)
             yield Label("", id="rho-error")
             with Horizontal(classes="row buttons"):
                 yield Button("Apply", variant="primary", id="apply")
@@ -73,17 +86,19 @@ class RhoDialog(ModalScreen[dict | None]):
 
     def _submit(self) -> None:
         raw = self.query_one("#rho-value", Input).value.strip()
-        try:
-            value = float(raw)
-            if not value > 0 or value != value or value == float("inf"):
-                raise ValueError
-        except ValueError:
-            self.query_one("#rho-error", Label).update(Text(f"expected a positive number, found {raw!r}",
-                                                            style="bold red"))
-            return
         multiply = self.query_one("#mode-mul", RadioButton).value
         one = self.query_one("#scope-one", RadioButton).value
-        self.dismiss({"value": value, "multiply": multiply, "layer": self.target_layer if one else None})
+        try:
+            try:
+                value = float(raw)
+            except ValueError:
+                lo, hi = FACTOR_RANGE if multiply else RHO_RANGE
+                raise CommandError(f"expected a number from {lo:g} to {hi:g}, found {raw[:30]!r}") from None
+            cmd = SetRho(value, self.target_layer if one else None, multiply)
+        except CommandError as exc:
+            self.query_one("#rho-error", Label).update(Text(str(exc), style="bold red"))
+            return
+        self.dismiss(cmd)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self._submit()
