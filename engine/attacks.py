@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ATTACK_KINDS as KINDS
+from .models import PerModel
 FAST_ATTACK = True  # differentiate the folded eval-mode rewrite of the model (see attack_model)
 # conv + 2x2 max-pool pairs with at most this many input channels run space-to-depth on the CPU: it pays with
 # one input channel (MNIST), not with three (CIFAR); see docs/performance.md.
@@ -386,7 +387,7 @@ def _s2d_entry(gm) -> _S2DEntry | None:
     return _S2DEntry(inner, pool)
 
 
-_ATTACK_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, object]" = weakref.WeakKeyDictionary()
+_ATTACK_GRAPHS: PerModel[object] = PerModel(lambda model: _build_attack_graph(model) or False)
 
 
 def attack_model(model: nn.Module) -> nn.Module:
@@ -396,13 +397,7 @@ def attack_model(model: nn.Module) -> nn.Module:
     and parameters."""
     if not FAST_ATTACK or model.training:
         return model
-    try:
-        entry = _ATTACK_GRAPHS.get(model)
-    except TypeError:  # not weak-referenceable
-        return model
-    if entry is None:
-        entry = _build_attack_graph(model) or False
-        _ATTACK_GRAPHS[model] = entry
+    entry = _ATTACK_GRAPHS.get(model, False)  # False: fx cannot trace it, or it is not weak-referenceable
     if entry is False:
         return model
     gm, convs = entry

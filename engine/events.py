@@ -48,6 +48,7 @@ class StepMetrics(MetricEvent):
     penalty: float  # ADMM penalty sum_l rho_l/2 ||W_l - Z_l + U_l||^2 at the emission (0 outside ADMM)
     lr: float
     images_per_s: float
+    resources: dict = field(default_factory=dict)  # host RSS and CPU %, GPU memory (engine/resources.py)
 
 
 @dataclass

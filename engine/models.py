@@ -8,7 +8,9 @@ normalisation of the input.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ from torch import nn
 from robprune.engine.errors import ConfigError
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+_T = TypeVar("_T")
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
@@ -249,3 +253,23 @@ def cpu_channels_last_hazard(model: nn.Module) -> str | None:
             return (f"torch {torch.__version__} crashes in the weight gradient of the 1x1 stride-{stride} conv "
                     f"{name} with fewer than 8 input channels in channels_last")
     return None
+
+
+class PerModel(Generic[_T]):
+    """A value worked out once per model by ``compute(model)`` on first use, and kept as long as the model lives
+    (weak keys). ``compute`` must not return None."""
+
+    def __init__(self, compute: Callable[[nn.Module], _T]):
+        self._compute = compute
+        self._values: weakref.WeakKeyDictionary[nn.Module, _T] = weakref.WeakKeyDictionary()
+
+    def get(self, model: nn.Module, default: _T) -> _T:
+        """``model``'s value, computed now if it is not known yet; ``default`` (nothing computed) for a model
+        that is not weak-referenceable."""
+        try:
+            value = self._values.get(model)
+        except TypeError:  # not weak-referenceable
+            return default
+        if value is None:
+            value = self._values[model] = self._compute(model)
+        return value

@@ -11,7 +11,6 @@ import contextlib
 import math
 import random
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -31,7 +30,8 @@ from .control import (CheckpointNow, Command, Control, EvalNow, Pause, Refused, 
 from .errors import ConfigError, NonFiniteError, UserError
 from .events import (CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished, LayerStats,
                      LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
-from .models import build_model, cpu_channels_last_hazard, prunable_parameters
+from .models import PerModel, build_model, cpu_channels_last_hazard, prunable_parameters
+from .resources import ResourceMonitor
 from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_targets
 from .rundir import RunDir, atomic_torch_save, safe_torch_load
 from .summary import build_summary, write_summary
@@ -81,7 +81,8 @@ def make_optimizer(pc: PhaseConfig, params, device: torch.device) -> torch.optim
     raise ValueError(f"unknown optimizer {pc.optimizer!r}")
 
 
-_CPU_CL_INPUT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_CPU_CL_INPUT: PerModel[bool] = PerModel(lambda model: any(isinstance(m, nn.Conv2d) for m in model.modules())
+                                          and cpu_channels_last_hazard(model) is None)
 
 
 def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +93,7 @@ def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     The weights keep their format; their gradients come back in it."""
     if x.device.type != "cpu" or x.dim() != 4:
         return x
-    try:
-        ok = _CPU_CL_INPUT.get(model)
-    except TypeError:  # not weak-referenceable
-        return x
-    if ok is None:
-        ok = _CPU_CL_INPUT[model] = (any(isinstance(m, nn.Conv2d) for m in model.modules())
-                                     and cpu_channels_last_hazard(model) is None)
-    return channels_last_strides(x) if ok else x
+    return channels_last_strides(x) if _CPU_CL_INPUT.get(model, False) else x
 
 
 def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float, step_size: float, steps: int,
@@ -169,7 +163,7 @@ class Engine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.rho_history: list[dict] = []
         self.phase_times: dict[str, float] = {}
-        self.pending_rho: dict | None = None
+        self.pending_rho: list[dict] = []  # rho changes asked for before ADMM, applied in order when it starts
         self.last_eval: dict | None = None
         self.summary: dict | None = None
         self._acc = None
@@ -185,6 +179,7 @@ class Engine:
             return
         cfg = self.cfg
         self.device = resolve_device(cfg)
+        self.resources = ResourceMonitor(self.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if cfg.run.deterministic:
@@ -318,12 +313,12 @@ class Engine:
         if name == "admm":
             rho = self.cfg.admm.rho
             self.admm = ADMM(self.params, self.ratios, self.schemes, rho, self.cfg.admm.rho_multiplier)
-            if self.pending_rho is not None:
+            for change in self.pending_rho:
                 try:
-                    self.admm.set_rho(**self.pending_rho)
+                    self.admm.set_rho(**change)
                 except (KeyError, ValueError) as exc:
                     self.log("warning", f"stored set_rho refused: {exc.args[0]}")
-                self.pending_rho = None
+            self.pending_rho = []
             self._record_rho("init")
             self.bus.emit(Residuals(update=0, layers=self.admm.residuals(), **self._where()))
             lo, hi = min(self.admm.rho.values(), default=rho), max(self.admm.rho.values(), default=rho)
@@ -405,7 +400,7 @@ class Engine:
         self.bus.emit(StepMetrics(
             step=self.step, epoch=self.epoch, phase=self.phase, batch=self.batch, batches=len(self.loader),
             epochs=pc.epochs, loss=loss_sum / n, adv_acc=correct / n, penalty=penalty, lr=self.lr,
-            images_per_s=n / max(now - self._interval_t0, 1e-9)))
+            images_per_s=n / max(now - self._interval_t0, 1e-9), resources=self.resources.sample()))
         self._acc = [torch.zeros_like(acc[0]), torch.zeros_like(acc[1]), 0]
         self._interval_t0 = now
         self._last_emit = now
@@ -497,7 +492,7 @@ class Engine:
                 if layer is not None and layer not in self.params:
                     self.log("warning", f"set_rho refused: no layer named {layer!r}")
                     return
-                self.pending_rho = {"value": value, "layer": layer, "multiply": multiply}
+                self.pending_rho.append({"value": value, "layer": layer, "multiply": multiply})
                 args["pending"] = True
                 self.log("info", "rho change stored; it applies when the ADMM phase starts")
             else:
@@ -629,7 +624,8 @@ class Engine:
         self.phase = PHASES[self.phase_index] if st["phase"] in PHASES else st["phase"]
         self.rho_history = list(st["rho_history"])
         self.phase_times = dict(st["phase_times"])
-        self.pending_rho = st.get("pending_rho")
+        pending = st.get("pending_rho") or []
+        self.pending_rho = [pending] if isinstance(pending, dict) else list(pending)  # older checkpoints: one
         self.last_eval = st.get("last_eval")
         self.best = st.get("best")
         self.last_checkpoint = {"path": str(self.rundir.checkpoint), "step": self.step, "phase": st["phase"]}

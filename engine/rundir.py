@@ -26,7 +26,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -184,6 +184,27 @@ def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     return path
 
 
+class _RunFile:
+    """A read-only attribute of :class:`RunDir`: the path of the file ``name`` in the run directory."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.attr = attr
+
+    @overload
+    def __get__(self, rundir: None, owner: type | None = None) -> _RunFile: ...
+    @overload
+    def __get__(self, rundir: RunDir, owner: type | None = None) -> Path: ...
+
+    def __get__(self, rundir: RunDir | None, owner: type | None = None) -> Path | _RunFile:
+        return self if rundir is None else rundir.path / self.name
+
+    def __set__(self, rundir: RunDir, value: object) -> None:
+        raise AttributeError(f"{type(rundir).__name__}.{self.attr} is read-only")
+
+
 class RunDir:
     """Owns the files of one run; also an event subscriber that appends each event to its JSONL file."""
 
@@ -196,40 +217,17 @@ class RunDir:
         self.write_error: WriteError | None = None  # the first failed metrics/events append, if any
 
     # --- paths
-    @property
-    def profile(self) -> Path:
-        return self.path / "profile.toml"
+    profile = _RunFile("profile.toml")
+    checkpoint = _RunFile("checkpoint.pt")
+    best = _RunFile("best.pt")
+    meta = _RunFile("meta.json")
+    lock_file = _RunFile(".lock")
+    model = _RunFile("model.pt")
+    metrics = _RunFile("metrics.jsonl")
+    events = _RunFile("events.jsonl")
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.path / "best.pt"
-
-    @property
-    def meta(self) -> Path:
-        return self.path / "meta.json"
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path / ".lock"
-
-    @property
-    def model(self) -> Path:
-        return self.path / "model.pt"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def events(self) -> Path:
-        return self.path / "events.jsonl"
-
-    WRITTEN = ("profile.toml", "meta.json", "metrics.jsonl", "events.jsonl", "commands.jsonl", "checkpoint.pt",
-               "best.pt", ".lock", "model.pt", "summary.json", "summary.md", "metrics.csv")
+    WRITTEN = (profile.name, meta.name, metrics.name, events.name, "commands.jsonl", checkpoint.name, best.name,
+               lock_file.name, model.name, "summary.json", "summary.md", "metrics.csv")
 
     def check_links(self) -> None:
         """Refuse a run directory where a file the engine writes or locks is a symlink (it would write through
@@ -279,6 +277,25 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def engine_running(self) -> bool:
+        """Whether a live process holds this run directory's lock (an engine is running it). Never creates or
+        holds the lock: a shared, non-blocking probe, released at once."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False  # no lock file: no engine has run here (or it is unreadable: nobody we can see)
+        try:
+            if fcntl is None:  # pragma: no cover - not POSIX
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return True
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self._lock_fd is not None:

@@ -100,16 +100,20 @@ def summary_markdown(s: dict) -> str:
 
 METRIC_COLUMNS = ["t", "type", "step", "epoch", "phase", "batch", "loss", "adv_acc", "nat_acc", "penalty", "lr",
                   "images_per_s", "n", "reason"]
+RESOURCE_COLUMNS = ["host_rss_mb", "cpu_pct", "gpu_mem_alloc_mb", "gpu_mem_reserved_mb", "gpu_mem_peak_mb",
+                    "gpu_util_pct", "gpu_temp_c"]
 
 
 def metrics_csv(records: list[dict]) -> str:
-    """Step and evaluation records as CSV (one row per record; layer/residual records are in the JSONL)."""
+    """Step and evaluation records as CSV (one row per record; layer/residual records are in the JSONL); a step
+    record's resource figures get a column each."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS + RESOURCE_COLUMNS, extrasaction="ignore")
     w.writeheader()
     for r in records:
         if r.get("type") in ("step", "eval"):
-            w.writerow(r)
+            res = r.get("resources")
+            w.writerow({**r, **res} if isinstance(res, dict) else r)
     return buf.getvalue()
 
 

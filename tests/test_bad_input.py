@@ -21,35 +21,32 @@ from tests.runproc import ENV, ROOT, one_line_error, robprune
 
 # ----------------------------------------------------------------------------------------------- profiles
 
+def _one_value(table: str, key: str, value: str, expected: str, *more: str) -> tuple[str, list[str]]:
+    """A profile setting ``key`` of ``[table]`` to ``value`` (TOML), and what the error line must say."""
+    return f"[{table}]\n{key} = {value}\n", [f"p.toml: {table}.{key}: expected {expected}", *more]
+
+
 BAD_PROFILES = {
     "toml-unclosed-table": ("[run\nseed = 1\n", ["p.toml:1:5: invalid TOML", "Expected ']'"]),
     "toml-missing-value": ("[run]\nseed = 1\nname = \n", ["p.toml:3:8: invalid TOML", "Invalid value"]),
-    "unknown-key": ("[run]\nsed = 1\n", ["p.toml: run.sed: expected a known key of [run]", "did you mean 'seed'"]),
+    "unknown-key": _one_value("run", "sed", "1", "a known key of [run]", "did you mean 'seed'"),
     "unknown-table": ("[rnu]\nseed = 1\n", ["p.toml: rnu: expected a known table", "did you mean 'run'"]),
-    "type-int": ("[run]\nseed = 'x'\n", ["p.toml: run.seed: expected an integer, found 'x'"]),
-    "type-bool": ("[run]\ndeterministic = 1\n", ["p.toml: run.deterministic: expected a boolean, found 1"]),
-    "type-list": ("[phases.retrain]\nmilestones = 3\n",
-                  ["p.toml: phases.retrain.milestones: expected a list of increasing integers >= 0, found 3"]),
-    "negative-eps": ("[attack.train]\neps = -0.1\n", ["p.toml: attack.train.eps: expected a number >= 0",
-                                                     "found -0.1"]),
-    "eps-above-1": ("[attack.eval]\neps = 8\n", ["p.toml: attack.eval.eps: expected a number <= 1", "found 8.0",
-                                                "inputs are in [0, 1]"]),
-    "ratio-1": ("[prune]\nratio = 1.0\n", ["p.toml: prune.ratio: expected a number in [0, 1), found 1.0"]),
-    "ratio-negative": ("[prune]\nratio = -0.2\n", ["p.toml: prune.ratio: expected a number in [0, 1), found -0.2"]),
+    "type-int": _one_value("run", "seed", "'x'", "an integer, found 'x'"),
+    "type-bool": _one_value("run", "deterministic", "1", "a boolean, found 1"),
+    "type-list": _one_value("phases.retrain", "milestones", "3", "a list of increasing integers >= 0, found 3"),
+    "negative-eps": _one_value("attack.train", "eps", "-0.1", "a number >= 0", "found -0.1"),
+    "eps-above-1": _one_value("attack.eval", "eps", "8", "a number <= 1", "found 8.0", "inputs are in [0, 1]"),
+    "ratio-1": _one_value("prune", "ratio", "1.0", "a number in [0, 1), found 1.0"),
+    "ratio-negative": _one_value("prune", "ratio", "-0.2", "a number in [0, 1), found -0.2"),
     "layer-ratio-1.5": ('[prune.layers]\n"fc1.weight" = 1.5\n',
                         ["p.toml: prune.layers.fc1.weight: expected a number in [0, 1), found 1.5"]),
-    "negative-steps": ("[attack.train]\nsteps = -5\n", ["p.toml: attack.train.steps: expected an integer >= 1",
-                                                       "found -5"]),
-    "negative-epochs": ("[phases.admm]\nepochs = -1\n", ["p.toml: phases.admm.epochs: expected an integer >= 0",
-                                                        "found -1"]),
-    "zero-batch-size": ("[data]\nbatch_size = 0\n", ["p.toml: data.batch_size: expected an integer >= 1",
-                                                    "found 0"]),
-    "unknown-arch": ("[model]\narch = 'resnet50'\n", ["p.toml: model.arch: expected one of 'lenet', 'vgg16'",
-                                                     "found 'resnet50'"]),
-    "unknown-dataset": ("[data]\nname = 'imagenet'\n", ["p.toml: data.name: expected one of 'mnist-5k'",
-                                                       "found 'imagenet'"]),
-    "unknown-scheme": ("[prune]\nscheme = 'block'\n", ["p.toml: prune.scheme: expected one of 'irregular', "
-                                                      "'filter', 'column'", "found 'block'"]),
+    "negative-steps": _one_value("attack.train", "steps", "-5", "an integer >= 1", "found -5"),
+    "negative-epochs": _one_value("phases.admm", "epochs", "-1", "an integer >= 0", "found -1"),
+    "zero-batch-size": _one_value("data", "batch_size", "0", "an integer >= 1", "found 0"),
+    "unknown-arch": _one_value("model", "arch", "'resnet50'", "one of 'lenet', 'vgg16'", "found 'resnet50'"),
+    "unknown-dataset": _one_value("data", "name", "'imagenet'", "one of 'mnist-5k'", "found 'imagenet'"),
+    "unknown-scheme": _one_value("prune", "scheme", "'block'", "one of 'irregular', 'filter', 'column'",
+                                 "found 'block'"),
     "channels-last-crash": ("[model]\narch = 'resnet18'\nwidth = 1\n[run]\ndevice = 'cpu'\nchannels_last = true\n",
                             ["p.toml: run.channels_last: expected false for resnet18 width 1 on the CPU, found True",
                              "1x1 stride-2 conv layer2.0.shortcut.0"]),

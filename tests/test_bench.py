@@ -244,16 +244,21 @@ def test_inplace_relus_leave_the_model_alone():
         assert torch.equal(v, before[k]), k
 
 
+def _ours_and_plain_pgd(m, x, y, seed):
+    """The engine's PGD and :func:`plain_pgd`, each from RNG seed ``seed``, with the same settings."""
+    torch.manual_seed(seed)
+    ours = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+    torch.manual_seed(seed)
+    return ours, plain_pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+
+
 def test_pgd_plain_path_is_the_plain_loop(monkeypatch):
     """With the rewrite off, the engine's PGD (in-place projection) is bit-for-bit a plain PGD loop."""
     monkeypatch.setattr(attacks, "FAST_ATTACK", False)
     for arch, width, ch, side in ARCHS[:3]:
         m = _model(arch, width, ch, side)
         x, y = _data(16, ch, side)
-        torch.manual_seed(5)
-        ours = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
-        torch.manual_seed(5)
-        ref = plain_pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+        ours, ref = _ours_and_plain_pgd(m, x, y, seed=5)
         assert torch.equal(ours, ref), arch
         assert m.training  # mode restored
 
@@ -265,10 +270,7 @@ def test_pgd_fast_path_same_adversarial_examples(arch, width, ch, side):
     different step for that pixel, so a few pixels may differ; the attack's strength does not."""
     m = _model(arch, width, ch, side)
     x, y = _data(32, ch, side)
-    torch.manual_seed(7)
-    ours = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
-    torch.manual_seed(7)
-    ref = plain_pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+    ours, ref = _ours_and_plain_pgd(m, x, y, seed=7)
     same = (ours == ref).float().mean().item()
     assert same >= 0.98, same
     assert (ours - x).abs().max() <= 0.1 + 1e-6 and ours.min() >= 0 and ours.max() <= 1

@@ -201,3 +201,16 @@ def test_an_over_long_line_is_refused_once_and_the_next_line_still_counts(tmp_pa
     with open(path, "ab") as g:
         g.write(b"y" * MAX_LINE_BYTES + b'\n{"command": "pause"}\n')
     assert f.poll() == [Pause()]
+
+
+def test_a_rho_set_before_admm_is_the_one_the_admm_start_line_logs(tmp_path):
+    prof = tmp_path / "t.toml"
+    prof.write_text(TINY)
+    s = Session.new(prof, ["phases.admm.epochs=1", "phases.retrain.epochs=0"], tmp_path / "run")
+    s.prepare()
+    s.send(SetRho(0.05))  # before the run starts: stored, applied when ADMM begins
+    s.send(SetRho(2.0, layer="fc1.weight", multiply=True))  # stored too: both apply, in order
+    s.run()
+    msgs = [e["message"] for e in read_jsonl(s.rundir.events) if e["type"] == "log"]
+    start = [m for m in msgs if m.startswith("ADMM: Z = Proj(W)")]
+    assert start == ["ADMM: Z = Proj(W), U = 0 for 4 layers, rho 0.05 to 0.1 (per layer)"], start

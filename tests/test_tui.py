@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from robprune.engine.control import Stop, send_to_run_dir
-from robprune.engine.rundir import read_jsonl
+from robprune.engine.rundir import RunDir, read_jsonl
 from robprune.engine.session import Session
 from tests.conftest import TINY
 from robprune.tui.app import RobpruneApp
 from robprune.tui.backend import AttachBackend, SessionBackend
+from robprune.tui.widgets.header import RunHeader
 from robprune.tui.widgets.layer_table import LayerTable
 from robprune.tui.widgets.plots import AccuracyPlot, LossPlot, ResidualPlot
 from textual.events import Paste, Resize
@@ -31,6 +32,14 @@ async def until(pred, timeout=60.0, what=""):
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what or pred}")
         await asyncio.sleep(0.05)
+
+
+async def quit_and_stop(pilot, s: Session) -> None:
+    """q, confirm with y, and wait for the engine to stop (with its checkpoint)."""
+    await pilot.press("q")
+    await pilot.pause(0.05)
+    await pilot.press("y")
+    await until(lambda: not s.alive, what="engine stopped")
 
 
 def engine_threads() -> list[threading.Thread]:
@@ -101,10 +110,7 @@ def test_keys_drive_the_engine(tmp_path):
             await until(lambda: (rd / "metrics.csv").exists() and (rd / "summary.md").exists(), what="export")
             json.loads((rd / "summary.json").read_text())
             # --- quit: confirm, stop, exit
-            await pilot.press("q")
-            await pilot.pause()
-            await pilot.press("y")
-            await until(lambda: not s.alive, what="engine stopped")
+            await quit_and_stop(pilot, s)
 
     asyncio.run(scenario())
     assert not engine_threads()
@@ -197,10 +203,13 @@ def test_finished_run_shows_summary_panel_export_and_quit(tmp_path):
                     tmp_path / "run")
     s.prepare()
     app = RobpruneApp(SessionBackend(s), refresh_hz=10)
+    bells = []
+    app.bell = lambda: bells.append(app.rs.state)
 
     async def scenario():
         async with app.run_test(size=(100, 30)) as pilot:
             await until(lambda: type(app.screen).__name__ == "SummaryScreen", what="summary panel")
+            assert bells == ["finished"]  # one bell when the run finishes
             assert app.rs.state == "finished"
             summary = app.rs.summary
             assert summary["sparsity"]["prunable_nonzero"] < summary["sparsity"]["prunable_params"]
@@ -293,10 +302,7 @@ def test_resizes_and_theme_changes_in_every_phase_never_stop_the_run(tmp_path):
                         await pilot.pause(0.05)
                 await until(lambda: s.engine.step > step, what=f"steps go on in {phase}")
                 assert app.is_running and s.alive
-            await pilot.press("q")
-            await pilot.pause()
-            await pilot.press("y")
-            await until(lambda: not s.alive, what="engine stopped")
+            await quit_and_stop(pilot, s)
 
     asyncio.run(scenario())
     assert seen_phases == ["pretrain", "admm", "retrain"]
@@ -330,10 +336,7 @@ def test_a_failing_plot_shows_a_notice_and_the_run_goes_on(tmp_path, monkeypatch
             assert "plot unavailable (RuntimeError)" in str(app.query_one(LossPlot).render())
             assert app.query_one(AccuracyPlot)._failure is None
             assert app.is_running
-            await pilot.press("q")
-            await pilot.pause(0.1)
-            await pilot.press("y")
-            await until(lambda: not s.alive, what="engine stopped")
+            await quit_and_stop(pilot, s)
 
     asyncio.run(scenario())
     warnings = [text for _, level, text in app.rs.log if level == "warning" and "loss / lr plot" in text]
@@ -373,7 +376,11 @@ def test_hostile_rho_dialog_entries_are_refused_before_sending(tmp_path):
             await pilot.press("r")
             await pilot.pause(0.05)
             await pilot.press(*"5000")
+            radio = lambda i: str(app.screen.query_one(i).render())  # noqa: E731
+            assert "\u25cf" in radio("#mode-set") and "\u25cb" in radio("#mode-mul")  # told apart without colour
             await pilot.click("#mode-mul")
+            await pilot.pause(0.05)
+            assert "\u25cb" in radio("#mode-set") and "\u25cf" in radio("#mode-mul")
             await pilot.click("#apply")
             await pilot.pause(0.05)
             assert "factor: expected a number from 0.001 to 1000, found 5000" in str(
@@ -383,10 +390,122 @@ def test_hostile_rho_dialog_entries_are_refused_before_sending(tmp_path):
             step = s.engine.step
             await pilot.press("p")
             await until(lambda: s.engine.step > step + 5, what="steps go on")
-            await pilot.press("q")
-            await pilot.pause(0.05)
-            await pilot.press("y")
-            await until(lambda: not s.alive, what="engine stopped")
+            await quit_and_stop(pilot, s)
 
     asyncio.run(scenario())
     assert not [e for e in read_jsonl(s.rundir.path / "events.jsonl") if e["type"] == "set_rho"]
+
+
+def test_attach_to_a_dead_run_says_not_running_and_how_to_resume(tmp_path):
+    """An engine killed with SIGKILL leaves its lock free: an attached dashboard shows NOT RUNNING and the resume
+    command, and keys that need an engine say so instead of writing commands nobody reads."""
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(TINY)
+    rd = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "robprune", "run", str(prof), "--run-dir", str(rd), "-q",
+                             "--set", "phases.admm.epochs=500"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        t0 = time.monotonic()
+        while not any(r["type"] == "step" for r in read_jsonl(rd / "metrics.jsonl")):
+            assert proc.poll() is None and time.monotonic() - t0 < 120
+            time.sleep(0.1)
+        assert RunDir(rd).engine_running()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not RunDir(rd).engine_running()
+    app = RobpruneApp(AttachBackend(rd, poll_s=0.1, liveness_s=0.2), refresh_hz=10)
+    notes = []
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            app.notify = lambda msg, **kw: notes.append(msg)
+            await until(lambda: app.rs.state == "not running", what="not running")
+            await pilot.pause(0.3)
+            assert "NOT RUNNING" in str(app.query_one(RunHeader).render())
+            for key in "pec":
+                await pilot.press(key)
+            await pilot.pause(0.1)
+            await pilot.press("q")
+
+    asyncio.run(scenario())
+    refused = [n for n in notes if n.startswith("no engine is running this run")]
+    assert len(refused) == 3 and all(f"robprune-tui --resume {rd}" in n for n in refused), notes
+    assert notes[-1] == "leaving; the run directory is untouched"
+    assert not (rd / "commands.jsonl").exists()
+    assert any(f"resume it with: robprune-tui --resume {rd}" in text for _, _, text in app.rs.log)
+
+
+def test_step_records_carry_the_resources_and_the_header_shows_them(tmp_path):
+    s = long_session(tmp_path)
+    app = RobpruneApp(SessionBackend(s), refresh_hz=10)
+
+    async def scenario():
+        async with app.run_test(size=(120, 40)) as pilot:
+            await until(lambda: app.rs.resources.get("host_rss_mb"), what="resources")
+            await pilot.pause(0.3)
+            header = str(app.query_one(RunHeader).render())
+            assert "host RSS" in header and "CPU" in header and "GPU" not in header  # a CPU-only machine
+            # the run's actions are in the command palette too
+            await pilot.press("ctrl+p")
+            await pilot.pause(0.2)
+            await pilot.press(*"Evaluate now")
+            await pilot.pause(0.5)
+            await pilot.press("enter")
+            await until(lambda: any(r["type"] == "eval" and r["reason"] == "now"
+                                    for r in read_jsonl(s.rundir.metrics)), what="evaluation from the palette")
+            await quit_and_stop(pilot, s)
+
+    asyncio.run(scenario())
+    steps = [r for r in read_jsonl(s.rundir.metrics) if r["type"] == "step"]
+    assert steps and all(50 < r["resources"]["host_rss_mb"] < 64_000 and r["resources"]["cpu_pct"] >= 0
+                         for r in steps)
+
+
+def test_detach_starts_a_run_that_outlives_the_dashboard(tmp_path):
+    """--detach: the run starts in a session of its own (no terminal's hang-up reaches it), writes its output to
+    RUN_DIR/output.log, and the dashboard attaches; quitting the dashboard leaves it running."""
+    from robprune.tui.main import start_detached
+
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(TINY)
+    rd = start_detached(prof, ["phases.admm.epochs=500"], tmp_path / "run", None)
+    assert rd == tmp_path / "run" and RunDir(rd).engine_running()
+    pid = int((rd / ".lock").read_text().split()[0])
+    try:
+        assert os.getsid(pid) == pid != os.getsid(0)  # a session leader of its own
+        assert (rd / "output.log").exists()
+        app = RobpruneApp(AttachBackend(rd, poll_s=0.1), refresh_hz=10)
+
+        async def scenario():
+            async with app.run_test(size=(120, 40)) as pilot:
+                await until(lambda: app.rs.step > 0 and app.rs.state == "running", what="following")
+                await pilot.press("q")
+
+        asyncio.run(scenario())
+        time.sleep(0.5)
+        assert RunDir(rd).engine_running()  # the dashboard is gone, the run is not
+        send_to_run_dir(rd, Stop())
+        t0 = time.monotonic()
+        while RunDir(rd).engine_running():
+            assert time.monotonic() - t0 < 120
+            time.sleep(0.1)
+        assert types(rd)[-1] == "finished"
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_detach_with_bad_input_fails_in_the_foreground(tmp_path):
+    from robprune.engine.errors import UserError
+    from robprune.tui.main import start_detached
+
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(TINY)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("a user's file")
+    with pytest.raises(UserError, match="not empty.*the background run did not start"):
+        start_detached(prof, [], tmp_path / "taken", None)
+    assert (tmp_path / "taken" / "x").read_text() == "a user's file"

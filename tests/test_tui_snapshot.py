@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from textual.widgets import RichLog
+
+from robprune.engine.rundir import RunDir
 from robprune.tui.app import RobpruneApp
 from robprune.tui.backend import AttachBackend
 
@@ -100,9 +103,13 @@ def utc(monkeypatch):
     time.tzset()
 
 
-@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
-def test_layout_snapshot(tmp_path, utc, size):
+@pytest.mark.parametrize("size,resizes", [((80, 24), []), ((120, 40), []),
+                                          ((100, 30), [(250, 80), (60, 20), (100, 30)])],
+                         ids=["80x24", "120x40", "100x30-after-resizes"])
+def test_layout_snapshot(tmp_path, utc, size, resizes):
     rd = make_run_dir(tmp_path)
+    lock = RunDir(rd)
+    lock.acquire()  # as a live engine holds it: the dashboard shows the run as running
     app = RobpruneApp(AttachBackend(rd, poll_s=0.05), refresh_hz=20)
     metrics, events = fixed_records()
     n_checkpoints = sum(1 for e in events if e["type"] == "checkpoint")
@@ -111,16 +118,23 @@ def test_layout_snapshot(tmp_path, utc, size):
         rs = app.rs
         return (rs.step == 315 and len(rs.eval_adv) == 5 and len(rs.primal_series) == 3
                 and sum(1 for _, lvl, _ in rs.log if lvl == "checkpoint") == n_checkpoints
-                and app._drawn == rs.version and app._plotted == rs.version)
+                and rs.engine_running is True and app._drawn == rs.version and app._plotted == rs.version)
 
     async def scenario():
-        async with app.run_test(size=size) as pilot:
+        async with app.run_test(size=size if not resizes else (120, 40)) as pilot:
             t0 = time.monotonic()
             while not settled():
-                assert time.monotonic() - t0 < 30, "the dashboard never caught up with the run directory"
+                assert time.monotonic() - t0 < 60, "the dashboard never caught up with the run directory"
                 await asyncio.sleep(0.05)
-            # then until the screen holds still: three captures in a row, 0.1 s apart, the same (a busy
-            # machine can leave a scroll or a plot one refresh behind the state)
+            # nothing more arrives: stop following, draw once more, and put the log at its end (no animation),
+            # so the capture depends on the records alone, not on how busy the machine is
+            app.backend.shutdown()
+            for w, h in resizes:
+                await pilot.resize_terminal(w, h)
+            app._plotted, app._plot_t = -1, 0.0
+            app.redraw()
+            app.query_one(RichLog).scroll_end(animate=False, immediate=True)
+            # then until the screen holds still: three captures in a row, 0.1 s apart, the same
             last, same, t1 = None, 0, time.monotonic()
             while same < 3:
                 assert time.monotonic() - t1 < 30, "the dashboard never held still"
@@ -131,13 +145,18 @@ def test_layout_snapshot(tmp_path, utc, size):
                 last = text
             return last
 
-    text = asyncio.run(scenario())
+    try:
+        text = asyncio.run(scenario())
+    finally:
+        lock.release()
     # the content is right whatever the layout: every layer, the state, the last evaluation
+    assert "RUNNING" in text and "NOT RUNNING" not in text
     assert "admm" in text and "epoch 3/6" in text and "step 315" in text
     assert "nat 92.00%" in text and "PGD-20 50.00%" in text
     for name, _, _ in LAYERS:
         assert name.split(".")[0] in text
-    path = SNAPSHOTS / f"dashboard_{size[0]}x{size[1]}.txt"
+    name = f"dashboard_{size[0]}x{size[1]}" + ("_after_resizes" if resizes else "")
+    path = SNAPSHOTS / f"{name}.txt"
     text = text.replace(str(rd), "RUN_DIR")
     if os.environ.get("ROBPRUNE_UPDATE_SNAPSHOTS") == "1" or not path.exists():
         path.write_text(text)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.text import Text
 from textual import work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.message import Message
@@ -112,7 +112,38 @@ class RobpruneApp(App):
 
     # ------------------------------------------------------------------ records -> state
     def on_engine_record(self, message: EngineRecord) -> None:
+        before = self.rs.state
         self.rs.apply(message.record)
+        self._ring_on_outcome(before, message.record)
+
+    def _ring_on_outcome(self, before: str, record: dict) -> None:
+        """A terminal bell, with a notification, when the run finishes, fails or diverges (not on a stop the
+        user asked for): whoever watches from another window hears it."""
+        kind = record.get("type")
+        now = self.rs.state
+        if kind == "nonfinite":
+            what = "the run diverged (a non-finite loss or weight)"
+        elif now != before and now in ("finished", "error", "not running"):
+            what = {"finished": "the run finished", "error": "the run failed",
+                    "not running": "the run's engine is gone"}[now]
+        else:
+            return
+        self.bell()
+        self.notify(what, severity="information" if now == "finished" else "error", timeout=15)
+
+    def get_system_commands(self, screen):
+        """The run's actions in the command palette (ctrl+p), next to Textual's own."""
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Pause or resume the run", "p: no training step runs while paused",
+                            self.action_toggle_pause)
+        yield SystemCommand("Change rho", "r: set or multiply, all layers or the selected one", self.action_rho)
+        yield SystemCommand("Evaluate now", "e: natural and attacked accuracy on the live subset",
+                            self.action_evaluate)
+        yield SystemCommand("Checkpoint now", "c: write checkpoint.pt", self.action_checkpoint)
+        yield SystemCommand("Export the run summary", "x: summary.json, summary.md, metrics.csv",
+                            self.action_export)
+        yield SystemCommand("Switch the plots' x range", "v: whole run, this phase, last 10 minutes",
+                            self.action_cycle_view)
 
     def on_latest_record(self, message: LatestRecord) -> None:
         self.rs.apply(message.record)
@@ -169,6 +200,10 @@ class RobpruneApp(App):
 
     # ------------------------------------------------------------------ actions
     def _can_command(self) -> bool:
+        if self.rs.state == "not running":
+            self.notify(f"no engine is running this run; resume it with: {self.rs.resume_command()}",
+                        severity="warning", timeout=10)
+            return False
         if not self.rs.active:
             self.notify(f"the run is {self.rs.state}; no engine to command", severity="warning")
             return False
@@ -240,7 +275,8 @@ class RobpruneApp(App):
     @work(thread=True, exclusive=True, group="quit")
     def _stop_and_exit(self) -> None:
         self.user_quit = True
-        self.call_from_thread(self.notify, "stopping: checkpoint, then exit ...")
+        self.call_from_thread(self.notify, "stopping: checkpoint, then exit ..." if self.backend.owns_run
+                              else "leaving; the run directory is untouched")
         self.backend.shutdown()
         self._stopping = True
         self.call_from_thread(self.exit)

@@ -11,6 +11,7 @@ Both call ``post(record)`` from a background thread; the app turns that into a t
 from __future__ import annotations
 
 import threading
+import time
 import tomllib
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ from typing import Callable
 from robprune.engine.config import PHASES
 from robprune.engine.control import Command, send_to_run_dir
 from robprune.engine.errors import UserError
-from robprune.engine.rundir import JsonlTail
+from robprune.engine.rundir import JsonlTail, RunDir
 
 Post = Callable[[dict], None]
 
@@ -55,6 +56,9 @@ class SessionBackend(Backend):
         self.name, self.profile = cfg.name, cfg.source
         self.run_dir = session.rundir.path
         self.device = str(getattr(session.engine, "device", cfg.run.device))
+        monitor = getattr(session.engine, "resources", None)
+        if monitor is not None and self.device.startswith("cuda"):
+            self.device += f" ({monitor.device_name()})"
         self.phase_epochs = {p: getattr(cfg.phases, p).epochs for p in PHASES}
         self.layer_names = list(getattr(session.engine, "params", {}) or [])
         self._unsub = None
@@ -90,7 +94,7 @@ class SessionBackend(Backend):
 class AttachBackend(Backend):
     owns_run = False
 
-    def __init__(self, run_dir: str | Path, poll_s: float = 0.25) -> None:
+    def __init__(self, run_dir: str | Path, poll_s: float = 0.25, liveness_s: float = 1.0) -> None:
         self.run_dir = Path(run_dir)
         prof = self.run_dir / "profile.toml"
         if not prof.is_file():
@@ -105,12 +109,16 @@ class AttachBackend(Backend):
         phases = cfg.get("phases", {})
         self.phase_epochs = {p: int(phases.get(p, {}).get("epochs", 0)) for p in PHASES}
         self.poll_s = poll_s
+        self.liveness_s = liveness_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._files = [JsonlTail(self.run_dir / "metrics.jsonl"), JsonlTail(self.run_dir / "events.jsonl")]
 
     def start(self, post: Post) -> None:
+        rundir = RunDir(self.run_dir)
+
         def loop() -> None:
+            running, checked = None, 0.0
             while not self._stop.is_set():
                 recs = [r for f in self._files for r in f.read()]
                 recs.sort(key=lambda r: r.get("t", 0.0))
@@ -118,6 +126,12 @@ class AttachBackend(Backend):
                     if r.get("type") == "layers" and not self.layer_names:
                         self.layer_names = [L["name"] for L in r["layers"]]
                     post(r)
+                if time.monotonic() - checked >= self.liveness_s:  # is an engine still running this run?
+                    checked = time.monotonic()
+                    now = rundir.engine_running()
+                    if now != running:
+                        running = now
+                        post({"type": "engine_status", "t": time.time(), "running": now})
                 self._stop.wait(self.poll_s)
 
         self._thread = threading.Thread(target=loop, name="robprune-attach", daemon=True)

@@ -49,14 +49,37 @@ def fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+# the options robprune run and robprune-tui share
+def profile_argument():
+    return typer.Argument(None, help="Profile: a TOML file, or a built-in profile's name (mnist_quick; "
+                                     "`robprune profiles` lists them).")
+
+
+def run_dir_option():
+    return typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP).")
+
+
+def set_option():
+    return typer.Option([], "--set", help="Override a profile key: --set admm.rho=0.01 (repeatable).")
+
+
+def resume_option():
+    return typer.Option(None, "--resume", help="Continue RUN_DIR from its last checkpoint.")
+
+
+OUTPUT_LOG = "output.log"
+
+
 @app.command()
 def run(
-    profile: Optional[Path] = typer.Argument(None, help="Profile: a TOML file, or a built-in profile's name "
-                                                        "(mnist_quick; `robprune profiles` lists them)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a profile key: --set attack.train.steps=10."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue RUN_DIR from its last checkpoint."),
+    profile: Optional[Path] = profile_argument(),
+    run_dir: Optional[Path] = run_dir_option(),
+    overrides: List[str] = set_option(),
+    resume: Optional[Path] = resume_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines: stderr gets errors only."),
+    output_log: bool = typer.Option(False, "--output-log", hidden=True,
+                                    help="Once the run directory exists, send stdout and stderr to its output.log "
+                                         "(robprune-tui --detach starts runs so)."),
 ) -> None:
     """Run the three-phase pipeline headless, with a progress bar and a final table.
 
@@ -81,6 +104,8 @@ def run(
 
         session = Session.resume(resume) if resume is not None else Session.new(profile, overrides, run_dir)
         session.prepare()
+        if output_log:
+            _output_to(session.rundir.path / OUTPUT_LOG)
     except UserError as exc:
         fail(exc)
     if not quiet:
@@ -121,6 +146,16 @@ def run(
         raise typer.Exit(130 if interrupts else 0)
     out.print(summary_table(session.engine.summary))
     out.print(f"summary: {session.rundir.path / 'summary.md'}")
+
+
+def _output_to(path: Path) -> None:
+    """Send this process's stdout and stderr to ``path`` (appended; never through a symlink)."""
+    from robprune.engine.rundir import open_append
+
+    fd = open_append(path)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
 
 
 def _say(msg: str) -> None:

@@ -2,53 +2,38 @@
 line per finished or reused run, the findings at the end, and the report's plots drawn in the terminal (plotext)."""
 from __future__ import annotations
 
-import threading
-
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from robprune.engine import events as ev
+from robprune.tui.headless import ProgressPrinter
 
 
-class ExperimentPrinter:
+class ExperimentPrinter(ProgressPrinter):
     """Two callables: :meth:`progress` for the experiment's own events and :meth:`engine_event` for every run's
     engine events (a session subscriber). Both may be called from the engine thread."""
 
     def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
-        self.console = console or Console(stderr=True)
-        self.quiet = quiet
-        self.progress_bar = Progress(
+        super().__init__(
+            console, quiet,
             TextColumn("{task.description:<28}"), BarColumn(bar_width=None),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False, disable=quiet)
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
         self._runs = None
         self._run = None
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> "ExperimentPrinter":
-        self.progress_bar.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress_bar.stop()
-
-    def _print(self, msg: str) -> None:
-        if not self.quiet:
-            self.progress_bar.console.print(msg, highlight=False)
 
     def progress(self, e: dict) -> None:
         with self._lock:
             kind = e.get("type")
             if kind == "experiment":
                 self._print(f"[bold]{e['name']}[/]: {e['runs']} runs, preset {e['preset']}, report in {e['out']}")
-                self._runs = self.progress_bar.add_task("runs", total=e["runs"], info="")
+                self._runs = self.bar.add_task("runs", total=e["runs"], info="")
             elif kind == "run":
                 status = e["status"]
                 label = f"[{e['index'] + 1}/{e['total']}] {e['run']}"
                 if status in ("started", "resumed"):
                     if self._run is not None:
-                        self.progress_bar.remove_task(self._run)
-                    self._run = self.progress_bar.add_task(e["run"], total=None, info=status)
+                        self.bar.remove_task(self._run)
+                    self._run = self.bar.add_task(e["run"], total=None, info=status)
                     if status == "resumed":
                         self._print(f"{label}: resuming from its checkpoint")
                 elif status in ("finished", "reused"):
@@ -57,19 +42,19 @@ class ExperimentPrinter:
                     self._print(f"{label}: {'reused' if status == 'reused' else 'trained' + took}: natural "
                                 f"{100 * f['nat_acc']:.2f}%  PGD {100 * f['adv_acc']:.2f}%")
                     if self._run is not None:
-                        self.progress_bar.remove_task(self._run)
+                        self.bar.remove_task(self._run)
                         self._run = None
                     if self._runs is not None:
-                        self.progress_bar.advance(self._runs)
+                        self.bar.advance(self._runs)
             elif kind == "report":
                 self._print("writing the report")
 
     def engine_event(self, e: ev.Event) -> None:
         with self._lock:
             if isinstance(e, ev.StepMetrics) and self._run is not None:
-                self.progress_bar.update(self._run, total=e.epochs * e.batches,
-                                         completed=e.epoch * e.batches + e.batch,
-                                         info=f"{e.phase} epoch {min(e.epoch + 1, e.epochs)}/{e.epochs}")
+                self.bar.update(self._run, total=e.epochs * e.batches,
+                                completed=e.epoch * e.batches + e.batch,
+                                info=f"{e.phase} epoch {min(e.epoch + 1, e.epochs)}/{e.epochs}")
             elif isinstance(e, ev.LogLine) and e.level in ("warning", "error"):
                 self._print(f"[yellow]{e.level}[/] {e.message}")
             elif isinstance(e, ev.ErrorEvent):

@@ -2,21 +2,44 @@
 from __future__ import annotations
 
 import threading
+from typing import Self
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from robprune.engine import events as ev
 
 
-class HeadlessPrinter:
+class ProgressPrinter:
+    """Base of the headless printers: a rich progress display ``bar`` made of ``columns`` on ``console`` (stderr
+    by default), shown from ``__enter__`` to ``__exit__``, nothing at all when ``quiet``. Subclasses hold ``_lock``
+    while they handle a call, which may come from the engine thread."""
+
+    def __init__(self, console: Console | None, quiet: bool, *columns: str | ProgressColumn) -> None:
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.bar = Progress(*columns, console=self.console, transient=False, disable=quiet)
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Self:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def _print(self, msg: str) -> None:
+        if not self.quiet:
+            self.bar.console.print(msg, highlight=False)
+
+
+class HeadlessPrinter(ProgressPrinter):
     """An event subscriber that draws progress with rich; safe to call from the engine thread."""
 
     def __init__(self, console: Console | None = None, quiet: bool = False) -> None:
-        self.console = console or Console(stderr=True)
-        self.quiet = quiet
-        self.progress = Progress(
+        super().__init__(
+            console, quiet,
             TextColumn("[bold]{task.fields[phase]:<8}"),
             BarColumn(bar_width=None),
             TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
@@ -24,40 +47,27 @@ class HeadlessPrinter:
             TextColumn("{task.fields[ips]:>7.0f} img/s"),
             TextColumn("loss {task.fields[loss]:.3f}"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False, disable=quiet,
         )
         self._task = None
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> "HeadlessPrinter":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
 
     def __call__(self, e: ev.Event) -> None:
         with self._lock:
             self._handle(e)
 
-    def _print(self, msg: str) -> None:
-        if not self.quiet:
-            self.progress.console.print(msg, highlight=False)
-
     def _handle(self, e: ev.Event) -> None:
         if isinstance(e, ev.PhaseChange):
             if self._task is not None:
-                self.progress.stop_task(self._task)
+                self.bar.stop_task(self._task)
             if e.skipped:
                 self._task = None
                 return
-            self._task = self.progress.add_task(e.phase, total=None, phase=e.phase, epoch=0, epochs=e.epochs,
-                                                step=e.step, ips=0.0, loss=float("nan"))
+            self._task = self.bar.add_task(e.phase, total=None, phase=e.phase, epoch=0, epochs=e.epochs,
+                                           step=e.step, ips=0.0, loss=float("nan"))
         elif isinstance(e, ev.StepMetrics) and self._task is not None:
             total = e.epochs * e.batches
-            self.progress.update(self._task, total=total, completed=e.epoch * e.batches + e.batch,
-                                 epoch=min(e.epoch + 1, e.epochs), epochs=e.epochs, step=e.step,
-                                 ips=e.images_per_s, loss=e.loss)
+            self.bar.update(self._task, total=total, completed=e.epoch * e.batches + e.batch,
+                            epoch=min(e.epoch + 1, e.epochs), epochs=e.epochs, step=e.step,
+                            ips=e.images_per_s, loss=e.loss)
         elif isinstance(e, ev.EvalResult):
             a = e.attack
             self._print(f"[cyan]eval[/] {e.phase} epoch {e.epoch} ({e.reason}): natural {100 * e.nat_acc:.2f}%  "

@@ -7,19 +7,22 @@ from typing import List, Optional
 import typer
 
 from robprune.engine.errors import UserError
-from robprune.tui.cli import fail, version_option
+from robprune.tui.cli import (fail, profile_argument, resume_option, run_dir_option, set_option,
+                              version_option)
 
 app = typer.Typer(pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 @app.command()
 def tui(
-    profile: Optional[Path] = typer.Argument(None, help="Profile to start a run with: a TOML file, or a built-in "
-                                                        "profile's name (`robprune profiles` lists them)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/NAME-TIMESTAMP)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override a profile key: --set admm.rho=0.01."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue RUN_DIR from its last checkpoint."),
+    profile: Optional[Path] = profile_argument(),
+    run_dir: Optional[Path] = run_dir_option(),
+    overrides: List[str] = set_option(),
+    resume: Optional[Path] = resume_option(),
     attach: Optional[Path] = typer.Option(None, "--attach", help="Follow a run started elsewhere in RUN_DIR."),
+    detach: bool = typer.Option(False, "--detach", help="Start the run (PROFILE or --resume) as a background "
+                                "process that outlives this terminal, its output in RUN_DIR/output.log, and attach "
+                                "to it: quitting or losing the dashboard leaves it running."),
     refresh_hz: float = typer.Option(4.0, "--refresh-hz", min=0.2, max=30.0, help="Redraws per second."),
     low_refresh: bool = typer.Option(False, "--low-refresh", help="1 redraw per second, for slow links."),
     ansi: bool = typer.Option(False, "--ansi", help="Use the terminal's 16 ANSI colours."),
@@ -36,6 +39,10 @@ def tui(
             raise UserError("give exactly one of PROFILE, --resume RUN_DIR or --attach RUN_DIR")
         if (resume or attach) and (overrides or run_dir):
             raise UserError("--set and --run-dir only go with a PROFILE (a resumed or attached run keeps its own)")
+        if detach and attach is not None:
+            raise UserError("--detach starts a run (PROFILE or --resume); --attach follows one that is running")
+        if detach:
+            attach = start_detached(profile, overrides, run_dir, resume)
         if attach is not None:
             backend = AttachBackend(attach)
         else:
@@ -52,6 +59,46 @@ def tui(
         _continue_headless(backend, app_._exception)
     backend.shutdown()
     typer.echo(f"run directory: {backend.run_dir}")
+    if detach:
+        from robprune.engine.rundir import RunDir
+
+        if RunDir(backend.run_dir).engine_running():
+            typer.echo(f"the run goes on in the background; attach again: robprune-tui --attach {backend.run_dir}; "
+                       f"stop it with a checkpoint: kill -TERM $(head -1 {backend.run_dir / '.lock'})")
+
+
+def start_detached(profile, overrides, run_dir, resume, timeout_s: float = 600.0) -> Path:
+    """Start ``robprune run`` in a session of its own (no terminal: a hang-up never reaches it), its output going
+    to RUN_DIR/output.log once the run directory exists; return the run directory when its engine holds the
+    lock. Bad input fails here, with the run's own one-line error."""
+    import subprocess
+    import sys
+    import time
+
+    from robprune.engine.config import load_profile
+    from robprune.engine.rundir import RunDir, default_run_dir
+    from robprune.tui.cli import OUTPUT_LOG
+
+    if resume is not None:
+        rd, args = Path(resume), ["--resume", str(resume)]
+    else:
+        cfg = load_profile(profile, overrides)
+        rd = Path(run_dir) if run_dir is not None else default_run_dir(cfg.name)
+        args = [str(profile), "--run-dir", str(rd), *[a for o in overrides for a in ("--set", o)]]
+    proc = subprocess.Popen([sys.executable, "-m", "robprune", "run", *args, "-q", "--output-log"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    t0 = time.monotonic()
+    while not ((rd / OUTPUT_LOG).exists() and RunDir(rd).engine_running()):
+        if proc.poll() is not None:
+            lines = [ln for ln in proc.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+            msg = lines[-1] if lines else f"exit code {proc.returncode}"
+            raise UserError(msg.removeprefix("robprune: error: ") + f" (the background run did not start)")
+        if time.monotonic() - t0 > timeout_s:
+            raise UserError(f"{rd}: the background run (pid {proc.pid}) did not start within {timeout_s:.0f} s")
+        time.sleep(0.1)
+    proc.stderr.close()  # its output goes to the run directory from here on
+    return rd
 
 
 def _continue_headless(backend, exc: BaseException) -> None:

@@ -31,7 +31,9 @@ class RunState:
     device: str = ""
     run_dir: str = ""
     phase_epochs: dict[str, int] = field(default_factory=dict)  # from the profile, for the run's ETA
-    state: str = "starting"  # starting | running | paused | finished | stopped | error
+    state: str = "starting"  # starting | running | paused | finished | stopped | error | not running
+    engine_running: bool | None = None  # attached: does a process hold the run's lock (None: not known)
+    resources: dict = field(default_factory=dict)  # the newest step record's host / GPU figures
     phase: str = "-"
     epoch: int = 0
     epochs: int = 0
@@ -85,6 +87,8 @@ class RunState:
         self.batch, self.batches, self.step = r["batch"], r["batches"], r["step"]
         self.images_per_s, self.loss, self.lr, self.train_adv_acc = r["images_per_s"], r["loss"], r["lr"], r["adv_acc"]
         t = r["t"]
+        if isinstance(r.get("resources"), dict):
+            self.resources = r["resources"]
         self.train_acc.append(self.step, 100 * r["adv_acc"], t)
         self.loss_series.append(self.step, r["loss"], t)
         self.lr_series.append(self.step, r["lr"], t)
@@ -169,6 +173,20 @@ class RunState:
         if r.get("summary"):
             self.summary = r["summary"]
         self._note("finished", f"run {r['status']}", r["t"])
+
+    def _on_engine_status(self, r: dict) -> None:
+        """From an attached dashboard: whether a process still holds the run's lock."""
+        self.engine_running = bool(r.get("running"))
+        if not self.engine_running and self.active:
+            self.state = "not running"
+            self._note("warning", f"no engine is running this run (its lock is free); resume it with: "
+                                  f"{self.resume_command()}", r.get("t"))
+        elif self.engine_running and self.state == "not running":
+            self.state = "running"
+            self._note("info", "an engine is running this run again", r.get("t"))
+
+    def resume_command(self) -> str:
+        return f"robprune-tui --resume {self.run_dir or 'RUN_DIR'}"
 
     def _on_error(self, r: dict) -> None:
         self.state = "error"

@@ -20,9 +20,8 @@ TITLE = "Lottery ticket vs ADMM pruning (Table 5)"
 
 
 def plan(e: Experiment) -> list[RunSpec]:
-    p = e.params
-    big = p["width"]
-    runs = [e.dense(f"adv-w{big}", big, p["train_epochs"])]
+    p, big = e.params, e.params["width"]
+    runs = [e.dense_large()]
     init_file, _ = e.seeded_init(big)
     names = list(e.numels(big))
     pc = e.cfg0.phases.pretrain

@@ -117,6 +117,11 @@ class Experiment:
         """The overrides that set the epochs of the three phases."""
         return [f"phases.{phase}.epochs={n}" for phase, n in zip(PHASES, (pretrain, admm, retrain))]
 
+    def dense_large(self) -> RunSpec:
+        """The adversarially trained dense model at ``exp.width``, the one that experiments prune from."""
+        big = self.params["width"]
+        return self.dense(f"adv-w{big}", big, self.params["train_epochs"])
+
     def dense(self, name: str, width: int, epochs: int, *, natural: bool = False, init: Path | None = None,
               make_init: Callable[[], None] | None = None, role: dict | None = None) -> RunSpec:
         """A dense model trained for ``epochs`` in the pretrain phase (adversarially, or naturally), from the

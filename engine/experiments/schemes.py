@@ -14,9 +14,8 @@ TITLE = "Pruning schemes: irregular vs column vs filter"
 
 
 def plan(e: Experiment) -> list[RunSpec]:
-    p = e.params
-    big = p["width"]
-    runs = [e.dense(f"adv-w{big}", big, p["train_epochs"])]
+    p, big = e.params, e.params["width"]
+    runs = [e.dense_large()]
     for small in sorted(p["targets"], reverse=True):
         for s in p["schemes"]:
             runs.append(e.pruned(f"admm-{s}-w{big}-to-w{small}", big, small, f"adv-w{big}", admm=p["admm_epochs"],

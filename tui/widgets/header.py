@@ -9,7 +9,28 @@ from textual.widgets import Static
 from robprune.tui.state import RunState, fmt_duration
 
 STATE_STYLE = {"running": "bold green", "paused": "bold yellow", "finished": "bold cyan", "stopped": "bold yellow",
-               "error": "bold red", "starting": "bold"}
+               "error": "bold red", "starting": "bold", "not running": "bold red"}
+
+
+def resources_line(r: dict) -> Text:
+    """Host memory and CPU, and on a GPU its memory (allocated / total, reserved, peak), utilisation and
+    temperature: whatever the newest step record carries."""
+    t = Text()
+    if not r:
+        return t.append("resources: --", style="dim")
+    if "host_rss_mb" in r:
+        t.append(f"host RSS {r['host_rss_mb'] / 1024:.2f} GB")
+    if "cpu_pct" in r:
+        t.append(f"  CPU {r['cpu_pct']:.0f}%")
+    if "gpu_mem_alloc_mb" in r:
+        total = f"/{r['gpu_mem_total_mb'] / 1024:.1f}" if "gpu_mem_total_mb" in r else ""
+        t.append(f"  GPU mem {r['gpu_mem_alloc_mb'] / 1024:.2f}{total} GB (reserved "
+                 f"{r.get('gpu_mem_reserved_mb', 0) / 1024:.2f}, peak {r.get('gpu_mem_peak_mb', 0) / 1024:.2f})")
+    if "gpu_util_pct" in r:
+        t.append(f"  util {r['gpu_util_pct']:.0f}%")
+    if "gpu_temp_c" in r:
+        t.append(f"  {r['gpu_temp_c']:.0f}°C")
+    return t
 
 
 class RunHeader(Static):
@@ -36,7 +57,8 @@ class RunHeader(Static):
         sp = s.sparsity()
         if sp is not None:
             l3.append(f"  sparsity {100 * sp:.1f}%")
+        l4 = resources_line(s.resources)
         width = max(self.size.width - 2, 10)
-        for line in (l1, l2, l3):
+        for line in (l1, l2, l3, l4):
             line.truncate(width, overflow="ellipsis")
-        self.update(Text("\n").join([l1, l2, l3]))
+        self.update(Text("\n").join([l1, l2, l3, l4]))
