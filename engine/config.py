@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import re
+import stat
 import tomllib
 from importlib import resources
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import tomli_w
 
-from robprune.engine.errors import ConfigError, UserError
+from robprune.engine.errors import ConfigError, UserError, file_kind
 
 OVERRIDE_SOURCE = "--set"
 LAYERS_KEY = "prune.layers"
@@ -143,8 +144,12 @@ class Config:
     overridden: frozenset = field(default=frozenset(), compare=False)  # dotted keys set by --set overrides
 
     def origin(self, dotted: str) -> str:
-        """Where a key's value came from, for error messages: ``--set`` or the profile file."""
-        return OVERRIDE_SOURCE if dotted in self.overridden else self.source
+        """Where a key's value came from, for error messages: ``--set`` (the key or a table above it was set
+        there) or the profile file."""
+        parts = dotted.split(".")
+        if any(".".join(parts[:i]) in self.overridden for i in range(len(parts), 0, -1)):
+            return OVERRIDE_SOURCE
+        return self.source
 
     @property
     def name(self) -> str:
@@ -166,7 +171,7 @@ class Config:
 class _Rule:
     """How one leaf value is checked: its type, bounds and allowed choices."""
 
-    kind: str  # "int" | "float" | "bool" | "str" | "choice" | "int_list"
+    kind: str  # "int" | "float" | "bool" | "name" | "path" | "choice" | "int_list"
     lo: float | None = None
     lo_open: bool = False  # True: value must be > lo
     hi: float | None = None
@@ -190,8 +195,8 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(x)
 
 
-def _int(lo: int | None = None) -> _Rule:
-    return _Rule("int", lo=lo)
+def _int(lo: int | None = None, hi: int | None = None) -> _Rule:
+    return _Rule("int", lo=lo, hi=hi)
 
 
 def _float(lo=None, lo_open=False, hi=None, hi_open=False, split_hi="") -> _Rule:
@@ -203,64 +208,69 @@ def _choice(*choices: str) -> _Rule:
 
 
 _BOOL = _Rule("bool")
-_STR = _Rule("str")
+_NAME = _Rule("name")  # a run's name: one path component, never a path (--run-dir chooses a place)
+_PATH = _Rule("path")
 _UNIT = "inputs are in [0, 1]"
 _RATIO = _float(0, hi=1, hi_open=True)
 
+# Every number has a stated range: what passes here cannot overflow or crash later (sizes that fit the range but
+# not the machine are refused by the memory estimate in engine/models.py, before a run directory is made).
+_BIG = 10**8  # examples, subsets
+_MANY = 100_000  # epochs, intervals
 _RULES: dict[str, _Rule] = {
-    "run.name": _STR,
-    "run.seed": _int(0),
+    "run.name": _NAME,
+    "run.seed": _int(0, 2**32 - 1),
     "run.device": _choice("auto", "cpu", "cuda"),
     "run.deterministic": _BOOL,
-    "run.threads": _int(0),
-    "run.log_interval_s": _float(0, lo_open=True),
-    "run.checkpoint_every": _int(0),
-    "run.init": _STR,
+    "run.threads": _int(0, 1024),
+    "run.log_interval_s": _float(0, lo_open=True, hi=86400),
+    "run.checkpoint_every": _int(0, _MANY),
+    "run.init": _PATH,
     "run.bf16": _BOOL,
     "run.channels_last": _BOOL,
     "run.compile": _BOOL,
     "data.name": _choice("mnist-5k", "mnist", "cifar10", "synthetic"),
-    "data.root": _STR,
+    "data.root": _PATH,
     "data.download": _BOOL,
-    "data.batch_size": _int(1),
-    "data.test_batch_size": _int(1),
-    "data.train_subset": _int(0),
+    "data.batch_size": _int(1, 65536),
+    "data.test_batch_size": _int(1, 65536),
+    "data.train_subset": _int(0, _BIG),
     "data.augment": _BOOL,
-    "data.synthetic_train": _int(1),
-    "data.synthetic_test": _int(1),
+    "data.synthetic_train": _int(1, _BIG),
+    "data.synthetic_test": _int(1, _BIG),
     "model.arch": _choice("lenet", "vgg16", "resnet18", "wrn"),
-    "model.width": _int(1),
-    "model.depth": _int(),
+    "model.width": _int(1, 1024),
+    "model.depth": _int(1, 1000),
     "prune.scheme": _choice(*SCHEMES),
     "prune.linear_scheme": _choice(*SCHEMES),
     "prune.ratio": _RATIO,
-    "admm.rho": _float(0, lo_open=True),
-    "admm.rho_multiplier": _float(1),
-    "admm.update_every": _int(1),
-    "eval.every": _int(0),
-    "eval.subset": _int(0),
-    "eval.final_subset": _int(0),
+    "admm.rho": _float(1e-8, hi=1e6),
+    "admm.rho_multiplier": _float(1, hi=100),
+    "admm.update_every": _int(1, _MANY),
+    "eval.every": _int(0, _MANY),
+    "eval.subset": _int(0, _BIG),
+    "eval.final_subset": _int(0, _BIG),
 }
 for _which, _kinds in (("train", ATTACK_KINDS), ("eval", EVAL_ATTACK_KINDS)):
     _RULES.update({
         f"attack.{_which}.kind": _choice(*_kinds),
         f"attack.{_which}.eps": _float(0, hi=1, split_hi=_UNIT),
         f"attack.{_which}.step_size": _float(0, lo_open=True, hi=1, split_hi=_UNIT),
-        f"attack.{_which}.steps": _int(1),
-        f"attack.{_which}.restarts": _int(1),
+        f"attack.{_which}.steps": _int(1, 10_000),
+        f"attack.{_which}.restarts": _int(1, 1000),
     })
 for _phase in PHASES:
     _RULES.update({
-        f"phases.{_phase}.epochs": _int(0),
+        f"phases.{_phase}.epochs": _int(0, _MANY),
         f"phases.{_phase}.optimizer": _choice("sgd", "adam"),
-        f"phases.{_phase}.lr": _float(0, lo_open=True),
+        f"phases.{_phase}.lr": _float(0, lo_open=True, hi=10),
         f"phases.{_phase}.momentum": _float(0, hi=1, hi_open=True),
         f"phases.{_phase}.nesterov": _BOOL,
-        f"phases.{_phase}.weight_decay": _float(0),
+        f"phases.{_phase}.weight_decay": _float(0, hi=1),
         f"phases.{_phase}.schedule": _choice(*SCHEDULES),
         f"phases.{_phase}.milestones": _Rule("int_list", lo=0),
         f"phases.{_phase}.gamma": _float(0, lo_open=True, hi=1),
-        f"phases.{_phase}.eps_warmup": _int(0),
+        f"phases.{_phase}.eps_warmup": _int(0, _MANY),
     })
 
 
@@ -332,9 +342,16 @@ def _check(rule: _Rule, value: Any, key: str, src: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(src, key, "a boolean", _found(value))
         return value
-    if rule.kind == "str":
+    if rule.kind in ("name", "path"):
         if not isinstance(value, str):
             raise ConfigError(src, key, "a string", _found(value))
+        if "\x00" in value or len(value) > 4096:
+            raise ConfigError(src, key, "a string without NUL bytes, of at most 4096 characters",
+                              f"<a string of {len(value)} characters>" if len(value) > 80 else value)
+        if rule.kind == "name" and value and (len(value) > 100 or not value.isprintable() or value in (".", "..")
+                                              or any(c in value for c in "/\\")):
+            raise ConfigError(src, key, "a name of at most 100 printable characters without / or \\ (a name, "
+                              "not a path: --run-dir chooses where the run goes)", value[:100])
         return value
     if rule.kind == "choice":
         expected = "one of " + ", ".join(repr(c) for c in rule.choices)
@@ -541,27 +558,51 @@ def load_profile(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     p = resolve_profile(path)
     if p != Path(path):
         source = str(p)  # a built-in profile: errors name the file that was read
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        if p.parent in (Path("."), Path("profiles")):  # it may have meant a built-in profile
-            raise UserError(f"{source}: no such profile file, and no built-in profile of that name (built-in: "
-                            f"{', '.join(builtin_profiles())})") from None
-        raise UserError(f"{source}: no such profile file") from None
-    except IsADirectoryError:
-        raise UserError(f"{source}: is a directory, expected a TOML profile file") from None
-    except OSError as e:
-        raise UserError(f"{source}: cannot read profile: {e.strerror or e}") from None
+    raw = _read_profile_bytes(p, source)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{source}: not a UTF-8 text file (byte {e.start})") from None
     try:
-        d = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise _toml_error(source, text, e) from None
-    d, overridden = _apply_overrides(d, overrides, source)
-    return _from_dict(d, source, overridden)
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise _toml_error(source, text, e) from None
+        d, overridden = _apply_overrides(d, overrides, source)
+        return _from_dict(d, source, overridden)
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply: expected the profile's tables (a few levels) and flat "
+                        "values") from None
+
+
+MAX_PROFILE_BYTES = 1 << 20
+
+
+def _read_profile_bytes(p: Path, source: str) -> bytes:
+    """The bytes of a profile file: a regular file of at most 1 MiB (a FIFO would hang, /dev/zero never end)."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        if p.parent in (Path("."), Path("profiles")):  # it may have meant a built-in profile
+            raise UserError(f"{source}: no such profile file, and no built-in profile of that name (built-in: "
+                            f"{', '.join(builtin_profiles())})") from None
+        raise UserError(f"{source}: no such profile file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{source}: cannot read profile: {getattr(e, 'strerror', None) or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{source}: is a directory, expected a TOML profile file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{source}: is {file_kind(st.st_mode)}, expected a regular TOML profile file")
+    if st.st_size > MAX_PROFILE_BYTES:
+        raise UserError(f"{source}: {st.st_size:,} bytes, expected a profile of at most {MAX_PROFILE_BYTES:,} bytes")
+    try:
+        with open(p, "rb") as f:
+            raw = f.read(MAX_PROFILE_BYTES + 1)
+    except OSError as e:
+        raise UserError(f"{source}: cannot read profile: {e.strerror or e}") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise UserError(f"{source}: more than {MAX_PROFILE_BYTES:,} bytes, expected a profile of at most that")
+    return raw
 
 
 # --------------------------------------------------------------------------------------------- TOML writer

@@ -33,3 +33,15 @@ class NonFiniteError(Exception):
     prints the one-line message and exits with :attr:`exit_code`."""
 
     exit_code = 3
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a one-line error (``a FIFO (named pipe)``, ``a character device``, ...)."""
+    import stat
+
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"

@@ -226,7 +226,10 @@ class Engine:
         p = Path(path)
         if p.is_dir():
             p = p / "model.pt" if (p / "model.pt").exists() else p / "checkpoint.pt"
-        sd = safe_torch_load(p)
+        try:
+            sd = safe_torch_load(p)
+        except UserError as exc:  # name the key, and where it was set
+            raise UserError(f"{self.cfg.origin('run.init')}: run.init: {exc}") from None
         if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
             sd = sd["model"]
         try:

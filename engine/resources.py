@@ -91,3 +91,53 @@ class ResourceMonitor:
             if self._nvml is not None:
                 out.update(self._nvml.sample())
         return out
+
+
+# ------------------------------------------------------------------------------------------ will it fit?
+
+_KNOWN_SIZES = {"mnist-5k": 5000, "mnist": 70000, "cifar10": 60000}
+# per parameter, float32: weights, gradients, two optimizer moments, ADMM's Z, U and previous Z, a mask's share
+_BYTES_PER_PARAM = 4 * 7 + 1
+
+
+def memory_available(device: torch.device) -> tuple[int, str]:
+    """Bytes this run may use on ``device`` and what they are (the card's memory, or the host's RAM)."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory, f"{torch.cuda.get_device_name(device)} memory"
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 62, "memory"
+
+
+def check_fits(cfg, device: torch.device | None = None) -> None:
+    """Refuse a model or a data set that cannot fit (one line with the estimate), before a run directory exists.
+
+    The model is built on the meta device (no memory) to count its parameters; the data set's size is known
+    for the named ones and given for synthetic data."""
+    from .data import dataset_spec
+    from .errors import ConfigError
+    from .models import build_model
+
+    device = device or torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available()
+                                    else "cpu")
+    have, what = memory_available(device)
+    spec = dataset_spec(cfg.data.name)
+    with torch.device("meta"):
+        model = build_model(cfg.model.arch, cfg.model.width, num_classes=spec.num_classes,
+                            in_channels=spec.in_channels, image_size=spec.image_size, depth=cfg.model.depth,
+                            source=cfg.source)
+    n = sum(p.numel() for p in model.parameters())
+    need = n * _BYTES_PER_PARAM
+    if need > have:
+        key = "model.width"
+        raise ConfigError(cfg.origin(key), key, f"a model that fits in {what} ({have / 2**30:.1f} GiB)",
+                          f"{cfg.model.width}: {n:,} parameters, about {need / 2**30:.1f} GiB for weights, "
+                          "gradients, optimizer and ADMM state")
+    examples = (cfg.data.synthetic_train + cfg.data.synthetic_test if cfg.data.name == "synthetic"
+                else _KNOWN_SIZES.get(cfg.data.name, 0))
+    data_bytes = examples * spec.in_channels * spec.image_size ** 2 * 4
+    if data_bytes > have // 2:  # the data set lives on the device next to the model and the activations
+        key = "data.synthetic_train" if cfg.data.name == "synthetic" else "data.name"
+        raise ConfigError(cfg.origin(key), key, f"a data set that fits in half of {what} "
+                          f"({have / 2**31:.1f} GiB)", f"{examples:,} examples, about {data_bytes / 2**30:.1f} GiB")

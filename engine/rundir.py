@@ -24,6 +24,7 @@ import re
 import tempfile
 import threading
 import time
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, overload
@@ -35,7 +36,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX: no locking
     fcntl = None
 
-from .errors import UserError
+from .errors import UserError, file_kind
 from .events import Event
 
 FORMAT_VERSION = 1
@@ -144,10 +145,15 @@ def safe_torch_load(path: Path, map_location="cpu", *, hint: str = "") -> Any:
     holds Python objects other than tensors and plain containers (refused, never executed)."""
     path = Path(path)
     if not path.is_file():
+        if path.exists():
+            raise UserError(f"{path}: is {file_kind(path.stat().st_mode)}, expected a model.pt or checkpoint written "
+                            "by robprune" + (f": {hint}" if hint else ""))
         raise UserError(f"{path}: no such file" + (f": {hint}" if hint else ""))
     tail = f"; {hint}" if hint else ""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about what it refuses; our one line says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         m = re.search(r"GLOBAL ([\w.]+)", str(exc))
         if m:
@@ -215,6 +221,8 @@ class RunDir:
         self._events = None
         self._lock_fd: int | None = None
         self.write_error: WriteError | None = None  # the first failed metrics/events append, if any
+        self.made_dirs: list[Path] = []  # directories create() made, outermost first
+        self._made_files: list[str] = []
 
     # --- paths
     profile = _RunFile("profile.toml")
@@ -238,11 +246,27 @@ class RunDir:
 
     # --- creation
     def create(self, profile_toml: str, *, exist_ok: bool = False) -> None:
-        if self.path.exists() and any(self.path.iterdir()) and not exist_ok:
-            raise UserError(f"{self.path}: run directory already exists and is not empty "
-                            "(choose another --run-dir, or resume it)")
-        self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        """Make the run directory (or take an empty one) and write profile.toml and meta.json. Anything that
+        stands in the way is one line naming the path; :meth:`remove_created` undoes exactly what this made."""
+        p = self.path
+        try:
+            if p.is_symlink() or p.exists():
+                if not p.is_dir():
+                    raise UserError(f"{p}: is not a directory (a file or a device is there): expected a new or "
+                                    "empty directory for the run (choose another --run-dir)")
+                if any(p.iterdir()) and not exist_ok:
+                    raise UserError(f"{p}: run directory already exists and is not empty "
+                                    "(choose another --run-dir, or resume it)")
+            else:
+                missing = [q for q in (p, *p.parents) if not q.exists()][::-1]
+                p.mkdir(mode=DIR_MODE, parents=True)
+                self.made_dirs = missing
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise UserError(f"{p}: cannot create the run directory: {reason}: expected a writable place "
+                            "(choose another --run-dir)") from None
         self.check_links()
+        self._made_files = ["profile.toml", "meta.json"]
         atomic_write_text(self.profile, profile_toml)
         meta = {"format": FORMAT_VERSION, "created": time.time(), "torch": torch.__version__,
                 "python": platform.python_version(), "robprune": _version()}
@@ -301,6 +325,23 @@ class RunDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+
+    def remove_created(self) -> None:
+        """Undo :meth:`create` after a setup error: remove the files this process wrote here, by exact name, and
+        the directories it made if they are empty then; a user's own directory and files stay."""
+        for name in (*self._made_files, "metrics.jsonl", "events.jsonl", ".lock"):
+            f = self.path / name
+            if f.is_symlink() or not f.is_file():
+                continue
+            try:  # the directory was new or empty when create() took it: these names are ours
+                f.unlink()
+            except OSError:
+                pass
+        for d in reversed(self.made_dirs):
+            try:
+                d.rmdir()  # only when empty
+            except OSError:
+                break
 
     def remove_stale_temp_files(self) -> list[Path]:
         """Delete temp files an interrupted atomic write left behind (``.checkpoint.pt.XXXX.tmp``)."""

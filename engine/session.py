@@ -13,7 +13,6 @@ applied command comes back as an event (and a line in events.jsonl).
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +22,7 @@ from .control import COMMAND_FILE, Command, Control
 from .errors import UserError
 from .events import Event, EventBus, Subscriber
 from .pipeline import CHECKPOINT_FORMAT, Engine
+from .resources import check_fits
 from .rundir import FORMAT_VERSION, RunDir, default_run_dir, safe_torch_load
 
 
@@ -51,7 +51,7 @@ class Session:
         except UserError:
             self.rundir.close()
             if self._created:
-                shutil.rmtree(self.rundir.path, ignore_errors=True)
+                self.rundir.remove_created()
             raise
 
     # ------------------------------------------------------------------ construction
@@ -62,6 +62,7 @@ class Session:
 
         The run directory is locked for this process until the run ends (see :meth:`RunDir.acquire`)."""
         cfg = load_profile(profile, overrides)
+        check_fits(cfg)  # a model or data set that cannot fit is refused before anything is made
         rd = RunDir(run_dir if run_dir is not None else default_run_dir(cfg.name))
         rd.create(dump_toml(cfg.to_dict()))
         rd.acquire()

@@ -40,9 +40,9 @@ BAD_PROFILES = {
     "ratio-negative": _one_value("prune", "ratio", "-0.2", "a number in [0, 1), found -0.2"),
     "layer-ratio-1.5": ('[prune.layers]\n"fc1.weight" = 1.5\n',
                         ["p.toml: prune.layers.fc1.weight: expected a number in [0, 1), found 1.5"]),
-    "negative-steps": _one_value("attack.train", "steps", "-5", "an integer >= 1", "found -5"),
-    "negative-epochs": _one_value("phases.admm", "epochs", "-1", "an integer >= 0", "found -1"),
-    "zero-batch-size": _one_value("data", "batch_size", "0", "an integer >= 1", "found 0"),
+    "negative-steps": _one_value("attack.train", "steps", "-5", "an integer in [1, 10000]", "found -5"),
+    "negative-epochs": _one_value("phases.admm", "epochs", "-1", "an integer in [0, 100000]", "found -1"),
+    "zero-batch-size": _one_value("data", "batch_size", "0", "an integer in [1, 65536]", "found 0"),
     "unknown-arch": _one_value("model", "arch", "'resnet50'", "one of 'lenet', 'vgg16'", "found 'resnet50'"),
     "unknown-dataset": _one_value("data", "name", "'imagenet'", "one of 'mnist-5k'", "found 'imagenet'"),
     "unknown-scheme": _one_value("prune", "scheme", "'block'", "one of 'irregular', 'filter', 'column'",
@@ -71,6 +71,45 @@ BAD_OVERRIDES = {
     "glob-matches-nothing": ("prune.layers.conv9*=0.5",
                              ['--set: prune.layers."conv9*": expected a layer name or glob matching at least one '
                               "prunable layer"]),
+    # numbers that used to pass validation and crash later: every numeric key has a stated range
+    "seed-2^32": ("run.seed=4294967296", ["--set: run.seed: expected an integer in [0, 4294967295]"]),
+    "threads-huge": ("run.threads=4294967296", ["--set: run.threads: expected an integer in [0, 1024]"]),
+    "width-huge": ("model.width=100000", ["--set: model.width: expected an integer in [1, 1024], found 100000"]),
+    "synthetic-1e12": ("data.synthetic_train=1000000000000", ["--set: data.synthetic_train: expected an integer in "
+                                                              "[1, 100000000]"]),
+    "rho-1e308": ("admm.rho=1e308", ["--set: admm.rho: expected a number in [1e-08, 1000000], found 1e+308"]),
+    "rho-inf": ("admm.rho=inf", ["--set: admm.rho: expected a number in [1e-08, 1000000], found inf"]),
+    "rho-nan": ("admm.rho=nan", ["--set: admm.rho: expected a number in [1e-08, 1000000], found nan"]),
+    "lr-1e308": ("phases.pretrain.lr=1e308", ["--set: phases.pretrain.lr: expected a number in (0, 10]"]),
+    "multiplier-huge": ("admm.rho_multiplier=1e9", ["--set: admm.rho_multiplier: expected a number in [1, 100]"]),
+    "steps-huge": ("attack.eval.steps=10000000", ["--set: attack.eval.steps: expected an integer in [1, 10000]"]),
+    "epochs-huge": ("phases.admm.epochs=99999999999", ["--set: phases.admm.epochs: expected an integer in "
+                                                       "[0, 100000]"]),
+    "batch-huge": ("data.batch_size=1000000000", ["--set: data.batch_size: expected an integer in [1, 65536]"]),
+    "log-interval-huge": ("run.log_interval_s=1e9", ["--set: run.log_interval_s: expected a number in (0, 86400]"]),
+    "weight-decay-huge": ("phases.retrain.weight_decay=5", ["--set: phases.retrain.weight_decay: expected a number "
+                                                           "in [0, 1]"]),
+    # sizes inside the ranges that cannot fit this machine: the estimate is in the message
+    "model-too-big": ("model.width=1024", ["--set: model.width: expected a model that fits in",
+                                           "parameters, about", "GiB for weights, gradients, optimizer and ADMM"]),
+    "data-too-big": ("data.synthetic_train=100000000", ["--set: data.synthetic_train: expected a data set that "
+                                                        "fits in half of", "100,000,128 examples, about"]),
+    # strings: a run name is a name, not a path
+    "name-absolute": ('run.name="/abs/path"', ["--set: run.name: expected a name of at most 100 printable",
+                                               "not a path", "found '/abs/path'"]),
+    "name-dotdot": ('run.name="../../x"', ["--set: run.name: expected a name", "found '../../x'"]),
+    "name-dots": ('run.name=".."', ["--set: run.name: expected a name", "found '..'"]),
+    "name-nul": ('run.name="a\\u0000b"', ["--set: run.name: expected a string without NUL bytes"]),
+    "name-newline": ('run.name="a\\nb"', ["--set: run.name: expected a name of at most 100 printable"]),
+    "name-long": ('run.name="' + "n" * 101 + '"', ["--set: run.name: expected a name of at most 100"]),
+    "root-nul": ('data.root="/tmp/\\u0000x"', ["--set: data.root: expected a string without NUL bytes"]),
+    "set-deep": ("run.name=" + "[" * 600 + "]" * 600, ["nested too deeply"]),
+    # blame the right place: a whole-table override is --set's, a device is not "no such file"
+    "layers-table-no-match": ('prune.layers={"nomatch*"=0.5}', ['--set: prune.layers."nomatch*": expected a layer '
+                                                                "name or glob matching at least one"]),
+    "init-dev-zero": ("run.init=/dev/zero", ["--set: run.init: /dev/zero: is a character device, expected a "
+                                             "model.pt or checkpoint"]),
+    "init-directory-without-weights": ("run.init=/tmp", ["--set: run.init: /tmp/checkpoint.pt: no such file"]),
 }
 
 
@@ -84,6 +123,69 @@ def test_bad_override(tmp_path, case):
 
 
 # ----------------------------------------------------------------------------------------------- paths
+
+
+def test_profile_that_is_a_fifo_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "p.toml"
+    os.mkfifo(fifo)
+    one_line_error(robprune("run", fifo, timeout=60), f"{fifo}: is a FIFO (named pipe), expected a regular TOML")
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null", "/dev/urandom"])
+def test_profile_that_is_a_device_is_refused(device):
+    one_line_error(robprune("run", device, timeout=60), f"{device}: is a character device, expected a regular")
+
+
+def test_profile_over_a_megabyte_is_refused(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text(TINY + "#" * (1 << 20) + "\n")
+    one_line_error(robprune("run", p), f"{p}: ", "bytes, expected a profile of at most 1,048,576 bytes")
+
+
+@pytest.mark.parametrize("text", ["a = " + "[" * 500 + "]" * 500 + "\n", "[" + ".".join(["t"] * 1000) + "]\n"],
+                         ids=["array-500-deep", "table-1000-deep"])
+def test_deeply_nested_profile_is_one_line(tmp_path, text):
+    p = tmp_path / "p.toml"
+    p.write_text(text)
+    one_line_error(robprune("run", p), f"{p}: nested too deeply")
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "dev-null", "proc"])
+def test_run_dir_that_cannot_be_one(tmp_path, where):
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    (tmp_path / "afile").write_text("mine")
+    rd, words = {"file": (tmp_path / "afile", "is not a directory"),
+                 "under-file": (tmp_path / "afile" / "run", "cannot create the run directory: not a directory"),
+                 "dev-null": (Path("/dev/null"), "is not a directory"),
+                 "proc": (Path("/proc/robprune-run"), "cannot create the run directory")}[where]
+    one_line_error(robprune("run", p, "--run-dir", rd), f"{rd}: {words}")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_run_dir_in_a_read_only_place(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "ro" / "r"), "cannot create the run directory")
+
+
+def test_setup_error_keeps_the_users_empty_run_dir(tmp_path):
+    """A setup error removes only what this process made: the user's own (empty) --run-dir stays."""
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    (tmp_path / "mine").mkdir()
+    r = robprune("run", p, "--run-dir", tmp_path / "mine", "--set", "data.name=mnist",
+                 "--set", f"data.root={tmp_path / 'data'}")
+    one_line_error(r, "MNIST not found")
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+    r = robprune("run", p, "--run-dir", tmp_path / "new" / "deeper", "--set", "data.name=mnist",
+                 "--set", f"data.root={tmp_path / 'data'}")
+    one_line_error(r, "MNIST not found")
+    assert not (tmp_path / "new").exists()  # directories it made are gone again
 
 
 def test_missing_profile_file(tmp_path):
@@ -184,7 +286,7 @@ def test_resume_truncated_checkpoint(run_dir):
 
 def test_resume_corrupt_checkpoint(run_dir):
     ck = run_dir / "checkpoint.pt"
-    ck.write_bytes(os.urandom(4096))
+    ck.write_bytes((bytes(range(7, 256)) * 17)[:4096])  # not a zip, not a pickle
     resume_fails(run_dir, f"{ck}: corrupt (4096 bytes; not a torch.save archive)",
                  "expected a complete file written by robprune")
 
@@ -234,7 +336,7 @@ def test_resume_profile_edited_after_the_checkpoint(run_dir):
 def test_resume_profile_edited_into_bad_input(run_dir):
     prof = run_dir / "profile.toml"
     prof.write_text(prof.read_text().replace("[phases.admm]\nepochs = 3", "[phases.admm]\nepochs = -3"))
-    resume_fails(run_dir, f"{prof}: phases.admm.epochs: expected an integer >= 0, found -3")
+    resume_fails(run_dir, f"{prof}: phases.admm.epochs: expected an integer in [0, 100000], found -3")
 
 
 def test_resume_run_directory_of_another_format_version(run_dir):
