@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
-from .config import Config, load_profile
+from .config import Config, load_profile, profile_change
 from .errors import UserError
 from .models import build_model
 from .rundir import RunDir, safe_torch_load
@@ -42,8 +42,27 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", *, allow
         sd = safe_torch_load(rd.checkpoint)["model"]
     else:
         raise UserError(f"{rd.model}: missing; the run has not finished (resume it, or use its checkpoint)")
-    model.load_state_dict(sd)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise _weights_do_not_fit(rd, cfg, exc) from None
     return model.to(device).eval()
+
+
+def _weights_do_not_fit(rd: RunDir, cfg: Config, exc: RuntimeError) -> UserError:
+    """Why a run's own weights do not fit the model its profile.toml describes: most often, an edit."""
+    saved = ""
+    if rd.checkpoint.is_file():
+        try:
+            saved = safe_torch_load(rd.checkpoint).get("profile") or ""
+        except UserError:
+            saved = ""
+    change = profile_change(saved, rd.profile.read_text(encoding="utf-8")) if saved else None
+    if change is not None:
+        return UserError(f"{rd.profile}: changed after the run ({change}): its weights belong to the profile it ran "
+                         "with; undo the edit")
+    return UserError(f"{rd.model}: weights do not fit model {cfg.model.arch} (width {cfg.model.width}): "
+                     f"{str(exc).splitlines()[0]}")
 
 
 def load_test_set(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

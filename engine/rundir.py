@@ -355,15 +355,15 @@ class RunDir:
         return gone
 
     def open_logs(self) -> None:
-        self._metrics = os.fdopen(open_append(self.metrics), "a", encoding="utf-8")
-        self._events = os.fdopen(open_append(self.events), "a", encoding="utf-8")
+        self._metrics = open_append(self.metrics)
+        self._events = open_append(self.events)
 
     def close(self) -> None:
         with self._lock:
-            for f in (self._metrics, self._events):
-                if f is not None:
+            for fd in (self._metrics, self._events):
+                if fd is not None:
                     try:
-                        f.close()
+                        os.close(fd)
                     except OSError:
                         pass
             self._metrics = self._events = None
@@ -374,57 +374,91 @@ class RunDir:
         self.write_event(event)
 
     def write_event(self, event: Event) -> None:
-        line = json.dumps(event.to_dict(), default=_json_default) + "\n"
+        """Append the event's line to metrics.jsonl or events.jsonl with one unbuffered write. A write that fails
+        (a full disk) is cut back to the last whole line, remembered in ``write_error`` (the engine stops at its
+        next checkpoint, before one could claim records that are not on disk), and said once in events.jsonl
+        when that file still takes it; nothing more goes to the failed file."""
+        line = (json.dumps(event.to_dict(), default=_json_default) + "\n").encode("utf-8")
+        target = self.metrics if event.metric else self.events
         with self._lock:
-            f = self._metrics if event.metric else self._events
-            target = self.metrics if event.metric else self.events
+            if self.write_error is not None and self.write_error.path == target:
+                return
+            fd = self._metrics if event.metric else self._events
+            own = fd is None
             try:
-                if f is None:
-                    with os.fdopen(open_append(target), "a", encoding="utf-8") as g:
-                        g.write(line)
-                    return
-                f.write(line)
-                f.flush()
-            except OSError as exc:  # a full disk: remembered, and the engine stops before its next checkpoint
+                if own:
+                    fd = open_append(target)
+                _append_line(fd, line)
+            except OSError as exc:
                 if self.write_error is None:
-                    self.write_error = WriteError(target, exc, "resume the run", atomic=False)
-                raise
+                    self.write_error = WriteError(target, exc, f"resume the run (robprune run --resume {self.path})",
+                                                  atomic=False)
+                    if target != self.events:  # best effort: the reason, where a reader looks for it
+                        try:
+                            fd2 = self._events if self._events is not None else open_append(self.events)
+                            _append_line(fd2, (json.dumps({"t": time.time(), "type": "error", "message": str(
+                                self.write_error)}) + "\n").encode())
+                        except OSError:
+                            pass
+            finally:
+                if own and fd is not None:
+                    os.close(fd)
 
     def append_event(self, record: dict) -> None:
         """Append a record (with ``t`` and ``type``) to events.jsonl from outside the engine (e.g. export)."""
         record = {"t": time.time(), **record}
-        line = json.dumps(record, default=_json_default) + "\n"
+        line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
         with self._lock:
-            with os.fdopen(open_append(self.events), "a", encoding="utf-8") as g:
-                g.write(line)
+            fd = open_append(self.events)
+            try:
+                _append_line(fd, line)
+            finally:
+                os.close(fd)
 
     def metrics_lines(self) -> int:
-        with self._lock:
-            if self._metrics is not None:
-                self._metrics.flush()
+        """Complete lines in metrics.jsonl (a line cut off at the end does not count)."""
         if not self.metrics.exists():
             return 0
         with open(self.metrics, "rb") as f:
-            return sum(1 for _ in f)
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
     def truncate_metrics(self, lines: int) -> None:
-        """Drop metrics lines written after a checkpoint, so a resumed run has no duplicated steps."""
+        """Keep the first ``lines`` complete lines of metrics.jsonl: drop what was written after a checkpoint (so a
+        resumed run has no duplicated steps) and a last line cut off by a kill or a full disk."""
         if not self.metrics.exists():
             return
         with open(self.metrics, "rb") as f:
-            kept = [ln for _, ln in zip(range(lines), f)]
+            kept = [ln for _, ln in zip(range(lines), f) if ln.endswith(b"\n")]
         atomic_write_bytes(self.metrics, b"".join(kept))
+
+
+def _append_line(fd: int, line: bytes) -> None:
+    """One O_APPEND write of a whole line; if the disk takes only part of it, the part is cut off again."""
+    size = os.fstat(fd).st_size
+    try:
+        n = os.write(fd, line)
+        if n != len(line):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise
 
 
 class JsonlTail:
     """Follows a JSONL file that another thread or process appends to: each :meth:`read` returns the
-    complete new lines as dicts (a torn last line waits for its end; malformed lines are skipped). A file
-    that shrank (rewritten, e.g. metrics.jsonl truncated by a resume) is read again from its start."""
+    complete new lines as dicts (a torn last line waits for its end). A damaged line is skipped and named in
+    ``skipped`` (``FILE line N: why``; the reader takes and clears them). A file that shrank (rewritten, e.g.
+    metrics.jsonl truncated by a resume) is read again from its start."""
 
     def __init__(self, path: str | Path, *, from_end: bool = False) -> None:
         self.path = Path(path)
         self.offset = self.path.stat().st_size if from_end and self.path.exists() else 0
         self.partial = b""
+        self.lineno = 0  # complete lines read so far (meaningful when reading from the start)
+        self.skipped: list[str] = []
 
     def read(self) -> list[dict]:
         try:
@@ -432,7 +466,7 @@ class JsonlTail:
         except FileNotFoundError:
             return []
         if size < self.offset:
-            self.offset, self.partial = 0, b""
+            self.offset, self.partial, self.lineno = 0, b"", 0
         if size == self.offset:
             return []
         with open(self.path, "rb") as f:
@@ -440,31 +474,60 @@ class JsonlTail:
             data = self.partial + f.read(size - self.offset)
         self.offset = size
         *lines, self.partial = data.split(b"\n")
-        out = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
+        out = _parse_lines(self.path, lines, self.lineno, self.skipped)
+        self.lineno += len(lines)
         return out
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    out = []
+class Records(list):
+    """The records of a JSONL file, with ``skipped``: one message per damaged line left out ("FILE line N: ...")."""
+
+    def __init__(self, items=(), skipped: list[str] | None = None) -> None:
+        super().__init__(items)
+        self.skipped = skipped or []
+
+
+def read_jsonl(path: str | Path) -> Records:
+    """Every good record of a JSONL file. A damaged line (not UTF-8, not JSON, not an object; or a last line cut
+    off by a kill) is skipped and named in ``.skipped``: nothing after it is lost."""
     p = Path(path)
-    if not p.exists():
+    out = Records()
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
         return out
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn last line after a hard kill
+    lines = data.split(b"\n")
+    torn = lines.pop() if lines else b""
+    out.extend(_parse_lines(p, lines, 0, out.skipped))
+    if torn.strip():
+        out.skipped.append(f"{p} line {len(lines) + 1}: cut off (no newline: a write was interrupted); skipped")
     return out
+
+
+def _parse_lines(path: Path, lines: list[bytes], before: int, skipped: list[str]) -> list[dict]:
+    """The records of complete ``lines`` (numbered from ``before + 1``); damaged ones are named in ``skipped``."""
+    out = []
+    for no, raw in enumerate(lines, before + 1):
+        if not raw.strip():
+            continue
+        rec, why = _parse_record(raw)
+        if why:
+            skipped.append(f"{path} line {no}: {why}; skipped")
+        else:
+            out.append(rec)
+    return out
+
+
+def _parse_record(raw: bytes) -> tuple[dict | None, str]:
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "binary bytes, not UTF-8 text"
+    except (ValueError, RecursionError):
+        return None, "not valid JSON"
+    if not isinstance(rec, dict):
+        return None, f"a JSON {type(rec).__name__}, not an object"
+    return rec, ""
 
 
 def _json_default(o: Any) -> Any:

@@ -86,8 +86,12 @@ class Session:
         rd.acquire()
         try:
             if not rd.checkpoint.exists():
+                if rd.best.is_file():
+                    raise UserError(f"{rd.checkpoint}: missing, but {rd.best.name} holds a checkpoint of an earlier "
+                                    f"evaluation: copy it to {rd.checkpoint.name} and resume again")
                 raise UserError(f"{rd.checkpoint}: no checkpoint to resume from: the run stopped before its first "
-                                "checkpoint; start it again")
+                                f"checkpoint; start it again with another --run-dir (or --run-dir {rd.path} once "
+                                "you have emptied it: it holds only the profile and the first records)")
             hint = (f"{rd.best.name} holds an earlier state (copy it over {rd.checkpoint.name} to resume from it)"
                     if rd.best.is_file() else "")
             state = safe_torch_load(rd.checkpoint, hint=hint)

@@ -117,16 +117,17 @@ def metrics_csv(records: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_summary(rundir: RunDir, summary: dict) -> list[Path]:
+def write_summary(rundir: RunDir, summary: dict, records: list[dict] | None = None) -> list[Path]:
     out = [rundir.path / "summary.json", rundir.path / "summary.md", rundir.path / "metrics.csv"]
     atomic_write_text(out[0], json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out[1], summary_markdown(summary))
-    atomic_write_text(out[2], metrics_csv(read_jsonl(rundir.metrics)))
+    atomic_write_text(out[2], metrics_csv(records if records is not None else read_jsonl(rundir.metrics)))
     return out
 
 
-def export_run(run_dir: str | Path) -> list[Path]:
-    """Rebuild the summary from a run directory's files (final weights, or the last checkpoint's)."""
+def export_run(run_dir: str | Path, skipped: list[str] | None = None) -> list[Path]:
+    """Rebuild the summary from a run directory's files (final weights, or the last checkpoint's). Damaged lines
+    of metrics.jsonl are left out and named in ``skipped`` (when given); every good record is kept."""
     from .config import load_profile
     from .errors import UserError
     from .rundir import safe_torch_load
@@ -152,6 +153,8 @@ def export_run(run_dir: str | Path) -> list[Path]:
             summary["device"] = json.loads(prev.read_text()).get("device", summary["device"])
         except (OSError, json.JSONDecodeError):
             pass
-    paths = write_summary(rd, summary)
-    rd.append_event({"type": "export", "paths": [str(p) for p in paths]})
+    paths = write_summary(rd, summary, records)
+    rd.append_event({"type": "export", "paths": [str(p) for p in paths], "skipped_lines": len(records.skipped)})
+    if skipped is not None:
+        skipped.extend(records.skipped)
     return paths

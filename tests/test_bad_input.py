@@ -3,7 +3,9 @@
 and what was expected -- and lose nothing (no half-made run directory, a resumable one left as it was)."""
 from __future__ import annotations
 
+import csv
 import fcntl
+import json
 import os
 import shutil
 import subprocess
@@ -273,6 +275,7 @@ def test_resume_with_a_profile_too(run_dir, tmp_path):
 
 def test_resume_without_checkpoint(run_dir):
     (run_dir / "checkpoint.pt").unlink()
+    (run_dir / "best.pt").unlink(missing_ok=True)
     resume_fails(run_dir, f"{run_dir / 'checkpoint.pt'}: no checkpoint to resume from")
 
 
@@ -406,3 +409,100 @@ def test_full_disk_while_writing_a_checkpoint(tmp_path):
     state = torch.load(ck, weights_only=True)  # the first checkpoint, whole
     assert state["phase"] == "pretrain" and state["epoch"] == 1
     assert not list(rd.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------- damaged records
+
+
+@pytest.mark.parametrize("damage,why", [(b"this is not json", "not valid JSON"),
+                                        (b"\xff\xfe binary \x00 bytes", "binary bytes, not UTF-8 text"),
+                                        (b"[1, 2, 3]", "a JSON list, not an object")],
+                         ids=["not-json", "binary", "not-an-object"])
+def test_export_skips_a_damaged_line_and_keeps_every_other_record(run_dir, damage, why):
+    """One damaged line in the middle of metrics.jsonl: export warns with the file and line, says how many it
+    skipped, and writes every other step and evaluation record (it used to stop reading there, silently)."""
+    lines = (run_dir / "metrics.jsonl").read_bytes().split(b"\n")
+    wanted = sum(1 for ln in lines if ln.strip() and json.loads(ln)["type"] in ("step", "eval"))
+    lines.insert(4, damage)
+    (run_dir / "metrics.jsonl").write_bytes(b"\n".join(lines))
+    r = robprune("export", run_dir)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    warns = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert warns == [f"robprune: warning: {run_dir / 'metrics.jsonl'} line 5: {why}; skipped",
+                     "robprune: warning: 1 damaged line skipped; every other record is in the export"], warns
+    with open(run_dir / "metrics.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == wanted
+    assert json.loads((run_dir / "summary.json").read_text())["final"]["nat_acc"] is not None
+
+
+def test_eval_of_a_run_whose_profile_was_edited_names_the_changed_key(run_dir):
+    """robprune eval on a run whose profile.toml now says another width: one line naming the key, not a
+    state_dict traceback (the stopped run has no model.pt, so its checkpoint's weights are used for the check)."""
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    torch.save(ck["model"], run_dir / "model.pt")
+    prof = run_dir / "profile.toml"
+    prof.write_text(prof.read_text().replace("width = 2", "width = 3"))
+    one_line_error(robprune("eval", run_dir), f"{prof}: changed after the run (model.width: 2 -> 3)", "undo the edit")
+
+
+def test_full_disk_while_appending_a_record(tmp_path):
+    """os.write to metrics.jsonl fails (ENOSPC, after writing part of the line) once the file holds 6 KB: one
+    line naming the file, exit 2; no torn line is left; events.jsonl says why; the run resumes to the end."""
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    rd = tmp_path / "r"
+    launcher = textwrap.dedent(f"""
+        import errno, os, sys
+        real_write = os.write
+        def write(fd, data):
+            try:
+                target = os.readlink(f"/proc/self/fd/{{fd}}")
+            except OSError:
+                target = ""
+            if target.endswith("metrics.jsonl") and os.fstat(fd).st_size + len(data) > 6000:
+                real_write(fd, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+        os.write = write
+        sys.argv = ["robprune", "run", {str(p)!r}, "--run-dir", {str(rd)!r}, "-q"]
+        from robprune.tui.cli import main
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, cwd=ROOT, env=ENV,
+                       timeout=300)
+    one_line_error(r, f"{rd / 'metrics.jsonl'}: cannot write: no space left on device",
+                   f"free some space, then resume the run (robprune run --resume {rd})")
+    data = (rd / "metrics.jsonl").read_bytes()
+    assert data.endswith(b"\n") and all(json.loads(ln) for ln in data.splitlines())
+    errors = [json.loads(ln) for ln in (rd / "events.jsonl").read_bytes().splitlines()
+              if json.loads(ln)["type"] == "error"]
+    assert errors and "metrics.jsonl: cannot write: no space left on device" in errors[0]["message"]
+    r = robprune("run", "--resume", rd, "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((rd / "summary.json").read_text())["status"] == "completed"
+    steps = [json.loads(ln)["step"] for ln in (rd / "metrics.jsonl").read_bytes().splitlines()
+             if json.loads(ln)["type"] == "step"]
+    assert steps == sorted(set(steps))
+
+
+def test_advice_after_a_run_killed_before_its_first_checkpoint_works(run_dir, tmp_path):
+    """What the refusal says to do is what works: a new --run-dir starts the run; with best.pt present, copying it
+    over checkpoint.pt resumes."""
+    (run_dir / "checkpoint.pt").unlink()
+    best = run_dir / "best.pt"
+    kept = best.read_bytes() if best.exists() else None
+    if kept is not None:
+        resume_fails(run_dir, f"{run_dir / 'checkpoint.pt'}: missing, but best.pt holds a checkpoint",
+                     "copy it to checkpoint.pt and resume again")
+        shutil.copy(best, run_dir / "checkpoint.pt")
+        r = robprune("run", "--resume", run_dir, "-q")
+        assert r.returncode == 0, r.stderr
+        (run_dir / "checkpoint.pt").unlink()
+        best.unlink()
+    line = resume_fails(run_dir, "no checkpoint to resume from", "start it again with another --run-dir")
+    assert "--run-dir" in line
+    p = tmp_path / "p.toml"
+    p.write_text((run_dir / "profile.toml").read_text())
+    r = robprune("run", p, "--run-dir", tmp_path / "another", "-q", "--set", "phases.admm.epochs=1",
+                 "--set", "phases.retrain.epochs=0")
+    assert r.returncode == 0, r.stderr

@@ -19,7 +19,7 @@ from tests.runproc import one_line_error, robprune
 # pretrain is sane; the ADMM phase uses plain SGD with rho = 1e8: |1 - lr * rho| >> 1, so W - Z blows up within
 # a few steps and the loss turns inf / NaN
 DIVERGE = ["phases.pretrain.epochs=1", "phases.admm.optimizer=sgd", "phases.admm.lr=0.01",
-           "phases.admm.momentum=0.0", "admm.rho=1e8"]
+           "phases.admm.momentum=0.0", "admm.rho=1e6", "admm.rho_multiplier=100"]
 
 
 def _finite_checkpoint(path):

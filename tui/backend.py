@@ -24,6 +24,15 @@ from robprune.engine.rundir import JsonlTail, RunDir
 Post = Callable[[dict], None]
 
 
+def damaged_lines(tails: list[JsonlTail]) -> list[dict]:
+    """A warning record for each damaged line the followers skipped since the last call."""
+    out = []
+    for f in tails:
+        out += [{"type": "log", "t": time.time(), "level": "warning", "message": m} for m in f.skipped]
+        f.skipped.clear()
+    return out
+
+
 class Backend:
     name = ""
     profile = ""
@@ -66,9 +75,9 @@ class SessionBackend(Backend):
     def start(self, post: Post) -> None:
         if self.session.thread is None and self.session.engine.resume_state is not None:
             # a resumed run: show its history first (the engine has not started, so nothing interleaves)
-            recs = [r for name in ("metrics.jsonl", "events.jsonl")
-                    for r in JsonlTail(self.run_dir / name).read()]
-            for r in sorted(recs, key=lambda r: r.get("t", 0.0)):
+            tails = [JsonlTail(self.run_dir / name) for name in ("metrics.jsonl", "events.jsonl")]
+            recs = [r for f in tails for r in f.read()]
+            for r in sorted(recs, key=lambda r: r.get("t", 0.0)) + damaged_lines(tails):
                 post(r)
         self._unsub = self.session.subscribe(lambda e: post(e.to_dict()))
         if not self.session.alive and self.session.thread is None:
@@ -122,6 +131,7 @@ class AttachBackend(Backend):
             while not self._stop.is_set():
                 recs = [r for f in self._files for r in f.read()]
                 recs.sort(key=lambda r: r.get("t", 0.0))
+                recs += damaged_lines(self._files)
                 for r in recs:
                     if r.get("type") == "layers" and not self.layer_names:
                         self.layer_names = [L["name"] for L in r["layers"]]

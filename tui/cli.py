@@ -262,10 +262,16 @@ def export(run_dir: Path = typer.Argument(..., help="A run directory (finished, 
     """Write summary.json, summary.md and metrics.csv into the run directory."""
     from robprune.engine.summary import export_run
 
+    skipped: list[str] = []
     try:
-        paths = export_run(run_dir)
+        paths = export_run(run_dir, skipped)
     except UserError as exc:
         fail(exc)
+    for line in skipped:
+        _say(f"robprune: warning: {line}")
+    if skipped:
+        _say(f"robprune: warning: {len(skipped)} damaged line{'s' if len(skipped) != 1 else ''} skipped; every "
+             "other record is in the export")
     for p in paths:
         out.print(str(p), highlight=False)
 
