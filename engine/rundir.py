@@ -344,9 +344,13 @@ class RunDir:
                 break
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete temp files an interrupted atomic write left behind (``.checkpoint.pt.XXXX.tmp``)."""
+        """Delete temp files an interrupted atomic write of ours left behind (``.checkpoint.pt.XXXXXXXX.tmp``:
+        the name of a file robprune writes, then mkstemp's 8 characters); a user's own ``.*.tmp`` stays."""
         gone = []
         for p in self.path.glob(".*.tmp"):
+            base, _, rand = p.name[1:-len(".tmp")].rpartition(".")
+            if base not in self.WRITTEN or len(rand) != 8 or p.is_symlink() or not p.is_file():
+                continue
             try:
                 p.unlink()
                 gone.append(p)

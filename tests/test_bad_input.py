@@ -506,3 +506,31 @@ def test_advice_after_a_run_killed_before_its_first_checkpoint_works(run_dir, tm
     r = robprune("run", p, "--run-dir", tmp_path / "another", "-q", "--set", "phases.admm.epochs=1",
                  "--set", "phases.retrain.epochs=0")
     assert r.returncode == 0, r.stderr
+
+
+def test_resume_removes_only_its_own_temp_files(run_dir):
+    ours = run_dir / ".checkpoint.pt.a1b2c3d4.tmp"
+    ours.write_bytes(b"half a checkpoint")
+    theirs = [run_dir / ".notes.tmp", run_dir / ".checkpoint.pt.tmp", run_dir / ".mine.pt.abcdefgh.tmp"]
+    for f in theirs:
+        f.write_text("a user's file")
+    r = robprune("run", "--resume", run_dir, "-q")
+    assert r.returncode == 0, r.stderr
+    assert not ours.exists()
+    assert all(f.read_text() == "a user's file" for f in theirs)
+
+
+@pytest.mark.parametrize("name", ["events.jsonl", "metrics.jsonl", ".lock", "checkpoint.pt"])
+def test_a_symlink_where_the_engine_writes_is_refused(run_dir, tmp_path, name):
+    """Never write through a link: a run directory with one where the engine writes or locks is refused with one
+    line, and the file the link points to is untouched."""
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"someone else's file")
+    f = run_dir / name
+    if name == "checkpoint.pt":
+        target.write_bytes(f.read_bytes())
+    f.unlink(missing_ok=True)
+    f.symlink_to(target)
+    before = target.read_bytes()
+    one_line_error(robprune("run", "--resume", run_dir), f"{f}: is a symlink; robprune never writes through one")
+    assert target.read_bytes() == before

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import textwrap
 import time
 from pathlib import Path
 
@@ -509,3 +510,37 @@ def test_detach_with_bad_input_fails_in_the_foreground(tmp_path):
     with pytest.raises(UserError, match="not empty.*the background run did not start"):
         start_detached(prof, [], tmp_path / "taken", None)
     assert (tmp_path / "taken" / "x").read_text() == "a user's file"
+
+
+def test_a_dashboard_that_dies_leaves_the_run_training_headless(tmp_path):
+    """The real robprune-tui, headless, with a failure injected into its record handler after a few records (an
+    exception no panel catches): the app ends, the run goes on in the same process to the end, events.jsonl
+    names the dashboard failure with its traceback, and the process says how to attach."""
+    prof = tmp_path / "tiny.toml"
+    prof.write_text(TINY)
+    rd = tmp_path / "run"
+    launcher = textwrap.dedent(f"""
+        import sys
+        from robprune.tui.app import RobpruneApp
+        seen = [0]
+        real = RobpruneApp.on_engine_record
+        def on_engine_record(self, message):
+            seen[0] += 1
+            if seen[0] == 20:
+                raise RuntimeError("injected dashboard failure")
+            return real(self, message)
+        RobpruneApp.on_engine_record = on_engine_record
+        real_run = RobpruneApp.run
+        RobpruneApp.run = lambda self, **kw: real_run(self, headless=True)
+        sys.argv = ["robprune-tui", {str(prof)!r}, "--run-dir", {str(rd)!r}, "--set", "phases.admm.epochs=2"]
+        from robprune.tui.main import main
+        main()
+    """)
+    r = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the dashboard failed (RuntimeError: injected dashboard failure); training goes on" in r.stderr
+    assert f"robprune-tui --attach {rd}" in r.stderr
+    ev = read_jsonl(rd / "events.jsonl")
+    failed = [e for e in ev if e["type"] == "log" and e["message"].startswith("dashboard failed")]
+    assert len(failed) == 1 and "injected dashboard failure" in failed[0]["traceback"]
+    assert ev[-1]["type"] == "finished" and ev[-1]["status"] == "completed"
