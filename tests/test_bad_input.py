@@ -111,7 +111,6 @@ BAD_OVERRIDES = {
                                                                 "name or glob matching at least one"]),
     "init-dev-zero": ("run.init=/dev/zero", ["--set: run.init: /dev/zero: is a character device, expected a "
                                              "model.pt or checkpoint"]),
-    "init-directory-without-weights": ("run.init=/tmp", ["--set: run.init: /tmp/checkpoint.pt: no such file"]),
 }
 
 
@@ -204,6 +203,15 @@ def test_missing_data_directory(tmp_path):
     r = robprune("run", p, "--run-dir", tmp_path / "r", "--set", "data.name=mnist",
                  "--set", f"data.root={tmp_path / 'data'}")
     one_line_error(r, str(tmp_path / "data"), "MNIST not found", "data.download=true")
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_directory_without_weights(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    (tmp_path / "empty").mkdir()
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "r", "--set", f"run.init={tmp_path / 'empty'}"),
+                   f"--set: run.init: {tmp_path / 'empty' / 'checkpoint.pt'}: no such file")
     assert not (tmp_path / "r").exists()
 
 

@@ -88,3 +88,16 @@ def test_history_benchmark_reports_every_plot_and_view():
     assert all(set(v) == {"run", "phase", "recent"} for v in out["redraw_ms"].values())
     assert out["points_kept_per_series"] <= 2048 + 4096 < 30000  # bounded, whatever the run's length
     assert 0 < out["state_memory_mb"] < 300
+
+
+def test_a_record_missing_its_fields_is_skipped_with_a_warning():
+    """A line of a followed run directory that parses but lacks what its type needs never ends the dashboard."""
+    rs = RunState()
+    for r in ({"type": "step", "t": 1.0}, {"type": "eval", "step": 3, "nat_acc": "x"},
+              {"type": "residuals", "layers": [1, 2]}, {"type": ["step"]}):
+        rs.apply(r)
+    warnings = [text for _, level, text in rs.log if level == "warning"]
+    assert len(warnings) == 3 and all("record was skipped" in w for w in warnings), warnings
+    rs.apply({"type": "step", "t": 2.0, "phase": "admm", "epoch": 0, "epochs": 1, "batch": 1, "batches": 9,
+              "step": 5, "images_per_s": 1.0, "loss": 2.0, "lr": 0.1, "adv_acc": 0.5})
+    assert rs.step == 5 and len(rs.train_acc) == 1

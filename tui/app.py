@@ -255,7 +255,8 @@ class RobpruneApp(App):
         from robprune.engine.summary import export_run
 
         try:
-            paths = export_run(self.backend.run_dir)
+            skipped: list[str] = []
+            paths = export_run(self.backend.run_dir, skipped)
         except UserError as exc:
             self.call_from_thread(self.notify, f"export failed: {exc}", severity="error", timeout=8)
             return
@@ -265,6 +266,8 @@ class RobpruneApp(App):
         self.exported = paths
         where = Path(paths[0]).parent
         self.call_from_thread(self.notify, f"exported to {where}: " + ", ".join(p.name for p in paths), timeout=10)
+        for line in skipped:  # damaged record lines were left out: say which, in the log
+            self.call_from_thread(self.note, "warning", line)
 
     def action_quit_app(self) -> None:
         if self.backend.owns_run and self.rs.active and self.backend.alive:

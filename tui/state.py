@@ -71,9 +71,14 @@ class RunState:
         t = r.get("t")
         if isinstance(t, (int, float)) and t > self.t_last:
             self.t_last = float(t)
-        handler = getattr(self, f"_on_{kind}", None)
+        handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
         if handler is not None:
-            handler(r)
+            try:
+                handler(r)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                # a record that parses but lacks what its type needs (an edited or foreign file, when
+                # following a run directory): skipped with a warning, never the end of the dashboard
+                self._note("warning", f"a {kind!r} record was skipped: {type(exc).__name__}: {exc}")
         self.version += 1
 
     def _note(self, level: str, text: str, t: float | None = None) -> None:
