@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import attacks
+from .attacks import fastpath
 from .admm import ADMM
 from .attacks import evaluate, split_chunks
 from .config import ATTACK_KINDS, PHASES, PhaseConfig
@@ -201,7 +201,7 @@ def _step_flops(step) -> int | None:
     autograd.grad w.r.t. a leaf, which the attacks use). None where that is not available.
 
     A dispatch mode sees the ops of its own thread only, so the attacks' split into chunks on worker threads
-    (:func:`robprune.engine.attacks._split_run`) is off while counting: the chunks' FLOPs add up to the whole batch's."""
+    (:func:`robprune.engine.attacks.fastpath._split_run`) is off while counting: the chunks' FLOPs add up to the whole batch's."""
     try:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils.flop_counter import flop_registry
@@ -219,15 +219,15 @@ def _step_flops(step) -> int | None:
                 Count.flops += int(fn(*args, **kwargs, out_val=out))
             return out
 
-    split = attacks.SPLIT_ATTACK
-    attacks.SPLIT_ATTACK = False
+    split = fastpath.SPLIT_ATTACK
+    fastpath.SPLIT_ATTACK = False
     try:
         with Count():
             step()
     except Exception:  # pragma: no cover - counting is a nicety, never a failure
         return None
     finally:
-        attacks.SPLIT_ATTACK = split
+        fastpath.SPLIT_ATTACK = split
     return Count.flops
 
 

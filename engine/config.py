@@ -30,6 +30,9 @@ LAYERS_KEY = "prune.layers"
 PHASES = ("pretrain", "admm", "retrain")  # the pipeline's training phases, in order
 ATTACK_KINDS = ("pgd", "fgsm-rs", "none")
 EVAL_ATTACK_KINDS = ("pgd", "fgsm-rs")
+ATTACK_LOSSES = ("ce", "cw")  # PGD's loss: cross-entropy, Carlini-Wagner margin
+FINAL_ATTACKS = ("pgd", "autoattack")
+AUTOATTACK_VERSIONS = ("standard", "rand")
 SCHEMES = ("irregular", "filter", "column")
 SCHEDULES = ("constant", "cosine", "step", "admm")
 
@@ -79,6 +82,7 @@ class AttackSpec:
     step_size: float = 0.01
     steps: int = 40
     restarts: int = 1
+    loss: str = "ce"  # PGD's loss: "ce" (cross-entropy) or "cw" (Carlini-Wagner margin)
 
 
 @dataclass
@@ -128,6 +132,11 @@ class EvalConfig:
     every: int = 1
     subset: int = 1000
     final_subset: int = 0
+    # the run's final robustness number: "pgd" (attack.eval on final_subset) or "autoattack" (also AutoAttack of
+    # autoattack_version on the first autoattack_n test examples, the number the summary reports)
+    final_attack: str = "pgd"
+    autoattack_n: int = 1000
+    autoattack_version: str = "standard"
 
 
 @dataclass
@@ -250,6 +259,9 @@ _RULES: dict[str, _Rule] = {
     "eval.every": _int(0, _MANY),
     "eval.subset": _int(0, _BIG),
     "eval.final_subset": _int(0, _BIG),
+    "eval.final_attack": _choice(*FINAL_ATTACKS),
+    "eval.autoattack_n": _int(1, _BIG),
+    "eval.autoattack_version": _choice(*AUTOATTACK_VERSIONS),
 }
 for _which, _kinds in (("train", ATTACK_KINDS), ("eval", EVAL_ATTACK_KINDS)):
     _RULES.update({
@@ -258,6 +270,7 @@ for _which, _kinds in (("train", ATTACK_KINDS), ("eval", EVAL_ATTACK_KINDS)):
         f"attack.{_which}.step_size": _float(0, lo_open=True, hi=1, split_hi=_UNIT),
         f"attack.{_which}.steps": _int(1, 10_000),
         f"attack.{_which}.restarts": _int(1, 1000),
+        f"attack.{_which}.loss": _choice(*ATTACK_LOSSES),
     })
 for _phase in PHASES:
     _RULES.update({

@@ -62,6 +62,21 @@ class EvalResult(MetricEvent):
 
 
 @dataclass
+class AutoAttackResult(MetricEvent):
+    """The final AutoAttack of a run (``eval.final_attack = "autoattack"``): per-example worst case over the
+    ensemble, on the first ``n`` test examples; ``attack`` names it exactly (version, eps, each attack's settings)."""
+
+    type: ClassVar[str] = "autoattack"
+    clean_acc: float
+    robust_acc: float
+    n: int
+    attack: dict
+    per_attack: list
+    seconds: float
+    path: str = ""
+
+
+@dataclass
 class LayerStats(MetricEvent):
     """Per-layer sparsity and ADMM state: one dict per prunable layer."""
 

@@ -23,13 +23,14 @@ except ImportError:  # pragma: no cover - numpy comes with torchvision
     np = None
 
 from . import data as data_mod
+from . import evaluation as eval_mod
 from .admm import ADMM
 from .attacks import attack, channels_last_strides, evaluate
 from .config import PHASES, Config, PhaseConfig
 from .control import (CheckpointNow, Command, Control, EvalNow, Pause, Refused, Resume, SetRho, Stop)
 from .errors import ConfigError, NonFiniteError, UserError
-from .events import (CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished, LayerStats,
-                     LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
+from .events import (AutoAttackResult, CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished,
+                     LayerStats, LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
 from .models import PerModel, build_model, cpu_channels_last_hazard, prunable_parameters
 from .resources import ResourceMonitor
 from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_targets
@@ -44,6 +45,11 @@ BEST_REASONS = ("periodic", "phase_end", "now")
 
 class StopRequested(Exception):
     pass
+
+
+class _StopInFinal(StopRequested):
+    """A stop during the final AutoAttack: the checkpoint of the last phase's end stands (resume finishes the run
+    and continues the attack from its state file)."""
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -98,7 +104,7 @@ def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float, step_size: float, steps: int,
                      restarts: int = 1, admm: ADMM | None = None, masked: MaskedParams | None = None,
-                     autocast=None, channels_last: bool = False):
+                     autocast=None, channels_last: bool = False, loss: str = "ce"):
     """One training step of every phase: craft adversarial examples (model in eval mode), train on them
     only (model in train mode; on the CPU with the batch in channels_last, see :func:`train_input`), add the
     ADMM penalty's gradient, step, re-apply the masks.
@@ -108,7 +114,8 @@ def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float,
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast if autocast is not None else contextlib.nullcontext():
-        x_adv = attack(model, x, y, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts)
+        x_adv = attack(model, x, y, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
+                       loss=loss)
         model.train()
         out = train_fn(train_input(model, x_adv))
         loss = F.cross_entropy(out.float(), y)
@@ -261,9 +268,10 @@ class Engine:
                     self._run_phase(i, resumed=mid_phase and i == start_phase)
                 self._finish("completed")
                 return self.summary
-            except StopRequested:
+            except StopRequested as stop:
                 self.paused = False
-                self._save_checkpoint("stop")
+                if not isinstance(stop, _StopInFinal):
+                    self._save_checkpoint("stop")
                 self.state = "stopped"
                 self.log("info", "stopped on request; the run can be resumed from its checkpoint")
                 self.bus.emit(Finished(status="stopped", summary={}))
@@ -374,7 +382,7 @@ class Engine:
             loss, out = adversarial_step(
                 model, self.train_fn, self.optimizer, x, y, kind=ta.kind, eps=ta.eps * scale,
                 step_size=ta.step_size * scale, steps=ta.steps, restarts=ta.restarts, admm=self.admm,
-                masked=self.masked, autocast=autocast, channels_last=cfg.run.channels_last)
+                masked=self.masked, autocast=autocast, channels_last=cfg.run.channels_last, loss=ta.loss)
             acc = self._acc
             loss = loss.detach()
             acc[0] += loss * len(y)
@@ -533,17 +541,54 @@ class Engine:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # evaluation never perturbs the training RNG stream
             torch.manual_seed(cfg.run.seed + 1)
-            nat, adv = evaluate(self.model, x, y, kind=ea.kind, eps=ea.eps, step_size=ea.step_size,
-                                steps=ea.steps, restarts=ea.restarts, batch_size=cfg.data.test_batch_size,
-                                to_float=data_mod.to_float)
+            with eval_mod.float32():
+                nat, adv = evaluate(self.model, x, y, kind=ea.kind, eps=ea.eps, step_size=ea.step_size,
+                                    steps=ea.steps, restarts=ea.restarts, batch_size=cfg.data.test_batch_size,
+                                    to_float=data_mod.to_float, loss=ea.loss)
         attack_info = {"kind": ea.kind, "eps": ea.eps, "step_size": ea.step_size, "steps": ea.steps,
-                       "restarts": ea.restarts}
+                       "restarts": ea.restarts, **({"loss": ea.loss} if ea.kind == "pgd" else {})}
         ev = EvalResult(nat_acc=nat, adv_acc=adv, n=len(x), attack=attack_info, reason=reason, **self._where())
         self.bus.emit(ev)
         self.last_eval = ev.to_dict()
         if reason in BEST_REASONS and self.phase in PHASES:
             self._consider_best(self.last_eval)
         return self.last_eval
+
+    def _final_autoattack(self) -> dict:
+        """AutoAttack of the final model on the first ``eval.autoattack_n`` test examples, with its state in the
+        run directory's ``eval/`` (a run killed here resumes the attack where it stopped). A stop or pause command
+        is taken between batches: a stop ends the run here, resumable."""
+        cfg = self.cfg
+        ec, ea = cfg.eval, cfg.attack.eval
+        x, y = data_mod.eval_subset(self.data.test_x, self.data.test_y, ec.autoattack_n)
+        x = data_mod.to_float(x)
+        where = {"pct": -1}
+
+        def progress(part: str, done: int, total: int) -> None:
+            pct = 100 * done // max(total, 1)
+            if pct // 25 != where["pct"] // 25 or done == total:
+                self.log("info", f"final AutoAttack: {part} {done}/{total}")
+            where["pct"] = pct if done < total else -1
+            for cmd in self.control.drain():
+                if isinstance(cmd, Stop):
+                    raise _StopInFinal()
+                self._apply(cmd)
+            while self.paused:
+                cmd = self.control.wait(0.05)
+                if isinstance(cmd, Stop):
+                    raise _StopInFinal()
+                if cmd is not None:
+                    self._apply(cmd)
+
+        self.log("info", f"final AutoAttack ({ec.autoattack_version}, eps {ea.eps:g}) on {len(y)} test examples")
+        res = eval_mod.autoattack(self.model, x, y, self.rundir, eps=ea.eps, version=ec.autoattack_version,
+                                  batch_size=cfg.data.test_batch_size, seed=cfg.run.seed, num_classes=self.data.spec.num_classes,
+                                  progress=progress)
+        self.log("info", f"final AutoAttack: clean {100 * res['clean_acc']:.2f}%, robust {100 * res['robust_acc']:.2f}%"
+                         f" ({res['seconds']:.0f} s)")
+        out = {k: res[k] for k in ("attack", "clean_acc", "robust_acc", "per_attack", "seconds", "path")}
+        self.bus.emit(AutoAttackResult(n=len(y), **out, **self._where()))
+        return out
 
     def _consider_best(self, ev: dict) -> None:
         """Keep best.pt: the checkpoint at the evaluation with the highest PGD accuracy on the live subset
@@ -668,6 +713,8 @@ class Engine:
                                  f"model.pt was not written: lower the learning rates or admm.rho and start again")
         self.phase = "final"
         final = self._evaluate("final", final=True)
+        if self.cfg.eval.final_attack == "autoattack":
+            final = {**final, "autoattack": self._final_autoattack()}
         self._emit_layers()
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         atomic_torch_save(self.rundir.model, weights, hint=self._resume_hint())

@@ -21,6 +21,7 @@ import os
 import pickle
 import platform
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -165,6 +166,23 @@ def safe_torch_load(path: Path, map_location="cpu", *, hint: str = "") -> Any:
     raise UserError(f"{path}: {what}: expected a complete file written by robprune{tail}")
 
 
+def read_json_state(path: Path, max_bytes: int = 64 << 20) -> Any:
+    """A JSON file robprune wrote for itself (a resumable state), or None when it is not there or cannot be
+    trusted: not a regular file (a FIFO would block, a symlink points elsewhere), larger than ``max_bytes``, not
+    UTF-8 JSON. The caller starts over rather than failing: the state only saves time."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(max_bytes + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
 def _damage(path: Path, exc: BaseException) -> str:
     """Say how a file torch.load could not read is damaged: empty, truncated or corrupt."""
     size = path.stat().st_size
@@ -233,9 +251,13 @@ class RunDir:
     model = _RunFile("model.pt")
     metrics = _RunFile("metrics.jsonl")
     events = _RunFile("events.jsonl")
+    eval_dir = _RunFile("eval")  # robprune eval's results (autoattack-*.json) and resumable state files
 
     WRITTEN = (profile.name, meta.name, metrics.name, events.name, "commands.jsonl", checkpoint.name, best.name,
-               lock_file.name, model.name, "summary.json", "summary.md", "metrics.csv")
+               lock_file.name, model.name, "summary.json", "summary.md", "metrics.csv",
+               # robprune export's model files (engine/export.py)
+               "model.safetensors", "masks.safetensors", "model.pt2", "model_card.json", "model_compact.safetensors",
+               "model_compact.pt2")
 
     def check_links(self) -> None:
         """Refuse a run directory where a file the engine writes or locks is a symlink (it would write through

@@ -40,7 +40,7 @@ def build_summary(*, cfg, weights: dict[str, torch.Tensor], layers: dict[str, di
                   **({"depth": cfg.model.depth} if cfg.model.arch == "wrn" else {})},
         "data": cfg.data.name,
         "final": {"nat_acc": ev.get("nat_acc"), "adv_acc": ev.get("adv_acc"), "n": ev.get("n"),
-                  "attack": ev.get("attack")},
+                  "attack": ev.get("attack"), "autoattack": ev.get("autoattack"), "robust": reported_robustness(ev)},
         "prune": {"scheme": cfg.prune.scheme, "linear_scheme": cfg.prune.linear_scheme},
         "layers": per_layer,
         "sparsity": {"prunable_params": pr_total, "prunable_nonzero": pr_nonzero,
@@ -51,6 +51,43 @@ def build_summary(*, cfg, weights: dict[str, torch.Tensor], layers: dict[str, di
         "phase_seconds": {k: round(v, 3) for k, v in phase_times.items()},
         "rho_history": rho_history,
     }
+
+
+def attack_label(attack: dict | None, n: int | None = None) -> str:
+    """One line naming an evaluation exactly: attack, loss, eps, steps and step, restarts, n."""
+    a = attack or {}
+    if a.get("name") == "autoattack":
+        from .attacks.autoattack import label
+
+        return label(a)
+    if not a:
+        return "n/a"
+    kind = str(a.get("kind", "?")).upper()
+    loss = f" ({'CW margin' if a.get('loss') == 'cw' else 'CE'} loss)" if a.get("kind") == "pgd" else ""
+    return (f"{kind}-{a.get('steps')}{loss}, Linf eps {a.get('eps')}, step {a.get('step_size')}, "
+            f"{a.get('restarts')} restart(s)" + (f", n {n}" if n is not None else ""))
+
+
+def accuracy_lines(final: dict) -> list[str]:
+    """The final evaluation in words, one line per evaluation, each named exactly (for captions and logs)."""
+    lines = [f"natural {_pct(final.get('nat_acc'))}, robust {_pct(final.get('adv_acc'))}: "
+             f"{attack_label(final.get('attack'), final.get('n'))}"]
+    aa = final.get("autoattack")
+    if aa:
+        lines.append(f"clean {_pct(aa.get('clean_acc'))}, robust {_pct(aa.get('robust_acc'))}: "
+                     f"{attack_label(aa.get('attack'))}")
+    return lines
+
+
+def reported_robustness(ev: dict) -> dict | None:
+    """The robust accuracy a run reports: AutoAttack's when it ran (the stronger evaluation), else PGD's, with
+    the evaluation named exactly."""
+    aa = ev.get("autoattack")
+    if aa:
+        return {"acc": aa.get("robust_acc"), "attack": attack_label(aa.get("attack")), "n": aa.get("attack", {}).get("n")}
+    if ev.get("adv_acc") is None:
+        return None
+    return {"acc": ev.get("adv_acc"), "attack": attack_label(ev.get("attack"), ev.get("n")), "n": ev.get("n")}
 
 
 def _is_buffer_name(name: str) -> bool:
@@ -72,10 +109,16 @@ def summary_markdown(s: dict) -> str:
         + (f" depth {s['model']['depth']}" if "depth" in s["model"] else "") + f", data {s['data']}",
         f"- pruning: {s['prune']['scheme']} (linear layers: {s['prune']['linear_scheme']})", "",
         "## Accuracy", "",
-        "| natural | PGD | attack | test examples |", "|---|---|---|---|",
-        f"| {_pct(f.get('nat_acc'))} | {_pct(f.get('adv_acc'))} | {a.get('kind', 'n/a')} eps {a.get('eps', 'n/a')}, "
-        f"step {a.get('step_size', 'n/a')}, {a.get('steps', 'n/a')} steps, {a.get('restarts', 'n/a')} restart(s) "
-        f"| {f.get('n')} |", "",
+        "| evaluation | natural | robust | test examples |", "|---|---|---|---|",
+        f"| {attack_label(a)} | {_pct(f.get('nat_acc'))} | {_pct(f.get('adv_acc'))} | {f.get('n')} |",
+    ]
+    aa = f.get("autoattack")
+    if aa:
+        lines.append(f"| {attack_label(aa.get('attack'))} | {_pct(aa.get('clean_acc'))} | {_pct(aa.get('robust_acc'))} "
+                     f"| {(aa.get('attack') or {}).get('n')} |")
+    rob = f.get("robust")
+    lines += [
+        "", f"Reported robustness: {_pct(rob['acc'])} ({rob['attack']})" if rob else "Reported robustness: n/a", "",
         "## Sparsity", "",
         "| layer | shape | params | nonzero | sparsity | target | scheme |", "|---|---|---|---|---|---|---|",
     ]
@@ -125,9 +168,10 @@ def write_summary(rundir: RunDir, summary: dict, records: list[dict] | None = No
     return out
 
 
-def export_run(run_dir: str | Path, skipped: list[str] | None = None) -> list[Path]:
-    """Rebuild the summary from a run directory's files (final weights, or the last checkpoint's). Damaged lines
-    of metrics.jsonl are left out and named in ``skipped`` (when given); every good record is kept."""
+def read_run(run_dir: str | Path):
+    """A run directory's profile, checkpoint and final weights (model.pt, or the checkpoint's when the run has not
+    finished), each checked: ``(rundir, cfg, checkpoint, weights, weights_path)``. What is missing or not what robprune
+    writes is one line naming the file."""
     from .config import load_profile
     from .errors import UserError
     from .rundir import safe_torch_load
@@ -139,10 +183,28 @@ def export_run(run_dir: str | Path, skipped: list[str] | None = None) -> list[Pa
     if not rd.checkpoint.exists():
         raise UserError(f"{rd.checkpoint}: missing; nothing to export yet")
     st = safe_torch_load(rd.checkpoint)
+    if not isinstance(st, dict) or not isinstance(st.get("model"), dict) or not isinstance(st.get("layers"), dict):
+        raise UserError(f"{rd.checkpoint}: expected a robprune checkpoint (a dict with 'model' and 'layers')")
+    src = rd.model if rd.model.exists() else rd.checkpoint
     weights = safe_torch_load(rd.model) if rd.model.exists() else st["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{src}: expected a state_dict (parameter names to tensors)")
+    return rd, cfg, st, weights, src
+
+
+def export_run(run_dir: str | Path, skipped: list[str] | None = None) -> list[Path]:
+    """Rebuild the summary from a run directory's files (final weights, or the last checkpoint's). Damaged lines
+    of metrics.jsonl are left out and named in ``skipped`` (when given); every good record is kept."""
+    rd, cfg, st, weights, _ = read_run(run_dir)
     records = read_jsonl(rd.metrics)
     evals = [r for r in records if r.get("type") == "eval"]
     final = next((r for r in reversed(evals) if r.get("reason") == "final"), evals[-1] if evals else None)
+    if final is not None and final.get("reason") == "final":
+        at = records.index(final)
+        aa = next((r for r in records[at + 1:] if r.get("type") == "autoattack"), None)
+        if aa is not None:
+            final = {**final, "autoattack": {k: aa.get(k) for k in ("attack", "clean_acc", "robust_acc", "per_attack",
+                                                                     "seconds", "path")}}
     status = "completed" if rd.model.exists() else "in progress"
     summary = build_summary(cfg=cfg, weights=weights, layers=st["layers"], final_eval=final,
                             phase_times=st["phase_times"], rho_history=st["rho_history"], status=status,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robprune.engine import attacks
+from robprune.engine.attacks import fastpath
 from robprune.engine import data as data_mod
 from robprune.engine.attacks import attack, evaluate, fgsm_rs, pgd
 from robprune.engine.models import build_model
@@ -88,7 +88,7 @@ def test_pgd_matches_reference_without_random_start(trained_lenet, monkeypatch):
     model, x, y = trained_lenet
     ref = _reference_pgd(model, x[:64], y[:64], 0.2, 0.03, 7)
     fast = pgd(model, x[:64], y[:64], eps=0.2, step_size=0.03, steps=7, random_start=False)
-    monkeypatch.setattr(attacks, "FAST_ATTACK", False)
+    monkeypatch.setattr(fastpath, "FAST_ATTACK", False)
     plain = pgd(model, x[:64], y[:64], eps=0.2, step_size=0.03, steps=7, random_start=False)
     assert torch.allclose(plain, ref, atol=1e-6)
     same = (fast - ref).abs().le(1e-6).float().mean().item()

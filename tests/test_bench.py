@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import subprocess
@@ -24,13 +25,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import robprune.engine.attacks as attacks
+import robprune.engine.attacks.fastpath as attacks
+
 from robprune.engine.admm import ADMM
+from robprune.engine.attacks import attack
 from robprune.engine.bench import ReferenceLoop, numpy_project, run_bench
 from robprune.engine.config import PhaseConfig
 from robprune.engine.models import build_model, prunable_parameters
 from robprune.engine.pipeline import adversarial_step, make_optimizer, train_input
 from robprune.engine.pruning import MaskedParams, apply_masks_, layer_scheme, project
+
+# the package's attribute `pgd` is the function; the module is reached by its full name
+pgd_mod = importlib.import_module("robprune.engine.attacks.pgd")
 
 ARCHS = [("lenet", 2, 1, 28), ("vgg16", 1, 3, 32), ("resnet18", 2, 3, 32), ("wrn", 1, 3, 32)]
 
@@ -203,7 +209,7 @@ def test_pgd_iterating_space_to_depth_gives_the_same_examples(side, restarts, mo
     calls = []
     real = attacks._S2DInput.forward
     monkeypatch.setattr(attacks._S2DInput, "forward", lambda self, xs: calls.append(xs.shape) or real(self, xs))
-    attacks.pgd(m, x, y, eps=0.3, step_size=0.05, steps=1)  # both graphs made and used with these weights ...
+    pgd_mod.pgd(m, x, y, eps=0.3, step_size=0.05, steps=1)  # both graphs made and used with these weights ...
     with torch.no_grad():  # ... then training moves them: the second graph shares the first one's layers
         m.conv1.weight.mul_(1.5)
         m.fc1.bias.add_(0.1)
@@ -212,7 +218,7 @@ def test_pgd_iterating_space_to_depth_gives_the_same_examples(side, restarts, mo
     for flag in (True, False):
         monkeypatch.setattr(attacks, "S2D_INPUT", flag)
         torch.manual_seed(3)
-        out[flag] = attacks.pgd(m, x, y, eps=0.3, step_size=0.05, steps=4, restarts=restarts)
+        out[flag] = pgd_mod.pgd(m, x, y, eps=0.3, step_size=0.05, steps=4, restarts=restarts)
         n_calls, calls[:] = len(calls), []
         # 4 steps per restart, and with restarts one forward per restart to see which examples it fooled
         assert n_calls == ((4 + (restarts > 1)) * restarts if flag and side == 28 else 0)
@@ -247,7 +253,7 @@ def test_inplace_relus_leave_the_model_alone():
 def _ours_and_plain_pgd(m, x, y, seed):
     """The engine's PGD and :func:`plain_pgd`, each from RNG seed ``seed``, with the same settings."""
     torch.manual_seed(seed)
-    ours = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
+    ours = pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
     torch.manual_seed(seed)
     return ours, plain_pgd(m, x, y, eps=0.1, step_size=0.02, steps=5)
 
@@ -290,15 +296,15 @@ def two_threads():
 
 
 def _spy_chunks(monkeypatch, name):
-    """Record the thread each call of ``attacks.<name>`` runs on."""
+    """Record the thread each call of ``pgd.<name>`` runs on."""
     seen = []
-    real = getattr(attacks, name)
+    real = getattr(pgd_mod, name)
 
     def spy(*a, **k):
         seen.append((threading.current_thread().name, threading.get_ident()))
         return real(*a, **k)
 
-    monkeypatch.setattr(attacks, name, spy)
+    monkeypatch.setattr(pgd_mod, name, spy)
     return seen
 
 
@@ -316,7 +322,7 @@ def test_split_attack_equals_whole_batch(arch, width, ch, side, two_threads, mon
         for split in (False, True):
             monkeypatch.setattr(attacks, "SPLIT_ATTACK", split)
             torch.manual_seed(11)
-            outs.append(attacks.attack(m, x, y, kind=kind, eps=0.1, step_size=0.02, steps=4, restarts=restarts))
+            outs.append(attack(m, x, y, kind=kind, eps=0.1, step_size=0.02, steps=4, restarts=restarts))
             assert m.training  # mode restored
         whole, split_ = outs
         assert (whole == split_).float().mean().item() >= 0.999, (kind, restarts)
@@ -357,7 +363,7 @@ def test_workers_run_chunks_in_pieces_that_fit_the_byte_budget(two_threads, monk
         monkeypatch.setattr(attacks, "SPLIT_ATTACK", split)
         seen = _spy_chunks(monkeypatch, "_pgd_chunk")
         torch.manual_seed(5)
-        outs.append(attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=3))
+        outs.append(pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=3))
         assert len(seen) == (8 if split else 1)
         if split:
             assert {name for name, _ in seen} == {"robprune-attack"} and len({t for _, t in seen}) == 2
@@ -372,17 +378,17 @@ def test_split_attack_keeps_thread_counts_and_small_batches_whole(two_threads, m
     the caller's thread."""
     m = _model("lenet", 2, 1, 28)
     counts = []
-    real = attacks._pgd_chunk
+    real = pgd_mod._pgd_chunk
 
     def spy(*a, **k):
         counts.append((threading.current_thread().name, torch.get_num_threads()))
         return real(*a, **k)
 
-    monkeypatch.setattr(attacks, "_pgd_chunk", spy)
+    monkeypatch.setattr(pgd_mod, "_pgd_chunk", spy)
     x, y = _data(2 * attacks.SPLIT_MIN_CHUNK, 1, 28)
     assert attacks.split_chunks(len(x), "cpu") == 2 and attacks.split_chunks(len(x) - 1, "cpu") == 1
     assert attacks.split_chunks(len(x), "cuda") == 1 and attacks.split_chunks(1000, "cpu") == 2
-    attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=1)
+    pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=1)
     assert sorted(c for _, c in counts) == [1, 1] and all(n == "robprune-attack" for n, _ in counts)
     assert torch.get_num_threads() == 2
     later = []
@@ -391,35 +397,35 @@ def test_split_attack_keeps_thread_counts_and_small_batches_whole(two_threads, m
     t.join()
     assert later == [2]
     counts.clear()
-    attacks.pgd(m, x[:-1], y[:-1], eps=0.1, step_size=0.02, steps=1)  # one example short of two chunks
+    pgd_mod.pgd(m, x[:-1], y[:-1], eps=0.1, step_size=0.02, steps=1)  # one example short of two chunks
     torch.set_num_threads(1)
-    attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=1)
+    pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=1)
     assert counts == [(threading.current_thread().name, 2), (threading.current_thread().name, 1)]
 
 
 def test_split_attack_error_reaches_the_caller_and_workers_stay_usable(two_threads, monkeypatch):
     m = _model("lenet", 2, 1, 28)
     x, y = _data(40, 1, 28)
-    real = attacks._pgd_chunk
+    real = pgd_mod._pgd_chunk
 
     def fail_on_workers(*a, **k):
         if threading.current_thread().name == "robprune-attack":
             raise RuntimeError("chunk failed")
         return real(*a, **k)
 
-    monkeypatch.setattr(attacks, "_pgd_chunk", fail_on_workers)
+    monkeypatch.setattr(pgd_mod, "_pgd_chunk", fail_on_workers)
     with pytest.raises(RuntimeError, match="chunk failed"):
-        attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
+        pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
     assert m.training
-    monkeypatch.setattr(attacks, "_pgd_chunk", real)
+    monkeypatch.setattr(pgd_mod, "_pgd_chunk", real)
     torch.manual_seed(3)
-    split_ = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
+    split_ = pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
     # while another caller holds the workers, a batch runs whole on its own thread, with the same result
     workers = attacks._WORKERS[2]
     seen = _spy_chunks(monkeypatch, "_pgd_chunk")
     with workers.lock:
         torch.manual_seed(3)
-        whole = attacks.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
+        whole = pgd_mod.pgd(m, x, y, eps=0.1, step_size=0.02, steps=2)
     assert seen == [(threading.current_thread().name, threading.get_ident())]
     assert (whole == split_).float().mean().item() >= 0.999
 
@@ -537,7 +543,7 @@ def test_masked_step_equals_plain_step_then_masking():
     try:
         for step in range(3):
             torch.manual_seed(step)
-            xa = attacks.pgd(m, x, y, eps=0.05, step_size=0.02, steps=2)
+            xa = pgd_mod.pgd(m, x, y, eps=0.05, step_size=0.02, steps=2)
             # ours: hooks mask the gradients, after_step re-applies the masks
             adversarial_step(m, m, opt, xa, y, kind="none", eps=0.0, step_size=0.0, steps=0, masked=masked)
             # plain: an unmasked step, then masking (the batch in the layout ours trains on: Adam's first steps

@@ -77,7 +77,7 @@ def test_run_eval_export(tmp_path):
     summary = json.loads((rd / "summary.json").read_text())
     assert summary["status"] == "completed"
 
-    e = robprune("eval", rd, "--steps", "5", "--restarts", "2")
+    e = robprune("eval", rd, "--steps", "5", "--restarts", "2", "--json")
     assert e.returncode == 0, e.stderr
     res = json.loads(e.stdout)
     assert res["attack"]["steps"] == 5 and res["attack"]["restarts"] == 2 and res["n"] == 128

@@ -78,8 +78,10 @@ def cell_matches(text: str, cell: dict | None) -> bool:
     if cell is None:
         return text == ""
     if "nat" in cell:
-        m = re.fullmatch(r"(\d+\.\d\d)/(\d+\.\d\d)", text)
-        return bool(m) and float(m.group(1)) == cell["nat"] and float(m.group(2)) == cell["adv"]
+        m = re.fullmatch(r"(\d+\.\d\d)/(\d+\.\d\d)(?:/(\d+\.\d\d))?", text)
+        aa = None if not m or m.group(3) is None else float(m.group(3))
+        return bool(m) and float(m.group(1)) == cell["nat"] and float(m.group(2)) == cell["adv"] and \
+            aa == cell.get("aa")
     if "value" in cell:
         bold = text.startswith("**") and text.endswith("**")
         if bold != bool(cell.get("mark")):
@@ -132,7 +134,8 @@ def test_report_files(done, name):
         assert info["status"] == "trained"
     for key in ("torch", "torchvision", "python", "robprune"):
         assert results["versions"][key]
-    assert results["attack"]["eval"] == {"kind": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 2, "restarts": 1}
+    assert results["attack"]["eval"] == {"kind": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 2, "restarts": 1,
+                                          "loss": "ce"}
     md = (out / "report.md").read_text()
     for text in ("run.seed = 0", "evaluation attack: pgd eps 0.1, step 0.05, 2 steps", "torch 2.", "torchvision",
                  "python 3.", "robprune "):
@@ -383,6 +386,31 @@ def test_settings_that_do_not_change_numbers_do_not_block_reuse(done, base):
     results = Experiment("lottery", base, out=out, preset="tiny",
                          overrides=["run.threads=2", "run.log_interval_s=0.5"]).run()
     assert {r["status"] for r in results["runs"].values()} == {"reused"}
+
+
+def test_autoattack_column(base, tmp_path):
+    """--set exp.final_attack=autoattack: every run ends with an AutoAttack, every accuracy cell gets a third number
+    (AutoAttack's robust accuracy, never above the PGD one of the same run here), the report names the attack, and
+    without it (the default) no run runs one, even when the base profile asks for it."""
+    out = tmp_path / "lottery-aa"
+    results = Experiment("lottery", base, out=out, preset="tiny", overrides=["exp.final_attack=autoattack"]).run()
+    assert results["params"]["final_attack"] == "autoattack"
+    cells = [c for t in results["tables"] for r in t["rows"] for c in r["cells"] if c and "nat" in c]
+    assert cells and all(c["aa"] is not None and 0 <= c["aa"] <= c["adv"] for c in cells)
+    for name, run in results["runs"].items():
+        s = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
+        assert run["aa_acc"] == s["final"]["autoattack"]["robust_acc"], name
+    md = (out / "report.md").read_text()
+    assert "a third number is AutoAttack's robust accuracy (AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square)" in md
+    for tid, (header, rows) in md_tables(md).items():
+        table = next(t for t in results["tables"] if t["id"] == tid)
+        for row, jrow in zip(rows, table["rows"]):
+            assert all(cell_matches(txt, c) for txt, c in zip(row[1:], jrow["cells"])), (tid, row)
+    wants_aa = tmp_path / "aa.toml"
+    assert "[eval]" in base.read_text()
+    wants_aa.write_text(base.read_text().replace("[eval]", '[eval]\nfinal_attack = "autoattack"'))
+    e = Experiment("lottery", wants_aa, out=tmp_path / "plain", preset="tiny")
+    assert all(e.resolved_profile(spec)[0].eval.final_attack == "pgd" for spec in e.plan)
 
 
 def test_report_without_matplotlib(base, tmp_path):

@@ -58,7 +58,8 @@ def test_three_phases_run_and_sparsity_is_exact(finished_run):
 def test_final_accuracy_is_real_and_reproducible_independently(finished_run):
     s, summary, _ = finished_run
     nat, adv = summary["final"]["nat_acc"], summary["final"]["adv_acc"]
-    assert summary["final"]["attack"] == {"kind": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 3, "restarts": 1}
+    assert summary["final"]["attack"] == {"kind": "pgd", "eps": 0.1, "step_size": 0.05, "steps": 3, "restarts": 1,
+                                       "loss": "ce"}
     assert summary["final"]["n"] == 128
     assert nat >= 0.5, nat  # learnable synthetic data, pruned to 80%: well above chance (0.1)
     assert adv <= nat

@@ -94,10 +94,12 @@ def test_wheel_runs_the_demo_profile_by_name(wheel_env):
     _run(bindir, work, str(bindir / "python"), "-m", "robprune", "run", "mnist_quick", "--run-dir", str(run_dir),
          "-q", "--set", "phases.pretrain.epochs=1", "--set", "phases.admm.epochs=1", "--set",
          "phases.retrain.epochs=1", "--set", "data.train_subset=1000", "--set", "eval.final_subset=200",
-         "--set", "attack.train.steps=2", "--set", "attack.eval.steps=2")
+         "--set", "attack.train.steps=2", "--set", "attack.eval.steps=2", "--set", "eval.autoattack_n=50")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary.get("status")
     assert 0.0 <= summary["final"]["nat_acc"] <= 1.0
+    aa = summary["final"]["autoattack"]  # the demo profile's final evaluation is AutoAttack
+    assert aa["attack"]["n"] == 50 and 0.0 <= aa["robust_acc"] <= aa["clean_acc"] <= 1.0
 
 
 def test_wheel_runs_an_experiment_with_a_packaged_preset(wheel_env):

@@ -227,44 +227,132 @@ def profiles_cmd() -> None:
 @app.command("eval")
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="A finished run directory."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="PGD steps (default: the profile's)."),
-    restarts: Optional[int] = typer.Option(None, "--restarts", min=1, help="PGD restarts (default: the profile's)."),
+    attack: str = typer.Option("pgd", "--attack", help="pgd (the profile's attack.eval settings) or autoattack "
+                                                      "(Croce & Hein 2020: the evaluation papers report)."),
+    version: str = typer.Option("standard", "--version", help="AutoAttack version: standard (APGD-CE, APGD-T, "
+                                                              "FAB-T, Square) or rand (APGD-CE, APGD-DLR with EOT)."),
     eps: Optional[float] = typer.Option(None, "--eps", min=0.0, max=1.0, help="L-inf radius (default: the profile's)."),
-    subset: int = typer.Option(0, "--subset", min=0, help="Evaluate the first N test examples (0 = all)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    n: Optional[int] = typer.Option(None, "--n", min=0, help="Evaluate the first N test examples (default: the "
+                                                             "run's final evaluation's, eval.final_subset for pgd "
+                                                             "and eval.autoattack_n for autoattack; 0 = all)."),
+    subset: Optional[int] = typer.Option(None, "--subset", min=0, hidden=True),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=1_000_000,
+                                        help="Examples per batch (default: the profile's data.test_batch_size)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=10_000, help="PGD steps (default: the profile's)."),
+    restarts: Optional[int] = typer.Option(None, "--restarts", min=1, max=1000,
+                                           help="PGD restarts (default: the profile's)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="PGD loss: ce (cross-entropy) or cw (Carlini-Wagner "
+                                                            "margin); default: the profile's."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**31 - 1,
+                                       help="Seed of the attacks' random starts (default: the run's)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N (default: the run's "
+                                                                "run.device)."),
+    fresh: bool = typer.Option(False, "--fresh", help="AutoAttack: start over, ignoring a saved state."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of a table."),
 ) -> None:
-    """Evaluate a finished run: natural and PGD accuracy, printed as JSON and appended to events.jsonl."""
-    import torch
-
-    from robprune.engine import api, data
-    from robprune.engine.attacks import evaluate
+    """Evaluate a finished run's model: PGD, or AutoAttack with a table per attack. AutoAttack's result is written
+    to eval/autoattack-EPS-nN.json in the run directory; a killed AutoAttack continues where it stopped."""
+    from robprune.engine import api, data, evaluation
+    from robprune.engine.config import ATTACK_LOSSES, AUTOATTACK_VERSIONS
     from robprune.engine.rundir import RunDir
 
     try:
+        if attack not in evaluation.ATTACKS:
+            raise UserError(f"--attack: {attack!r}: expected one of {', '.join(evaluation.ATTACKS)}")
+        if version not in AUTOATTACK_VERSIONS:
+            raise UserError(f"--version: {version!r}: expected one of {', '.join(AUTOATTACK_VERSIONS)}")
+        if loss is not None and loss not in ATTACK_LOSSES:
+            raise UserError(f"--loss: {loss!r}: expected one of {', '.join(ATTACK_LOSSES)}")
         cfg = api.load_config(run_dir)
-        model = api.load_model(run_dir, device)
-        x, y = api.load_test_set(run_dir, device)
+        dev = evaluation.pick_device(device or cfg.run.device,
+                                     where="--device" if device else f"{RunDir(run_dir).profile}: run.device")
+        model = api.load_model(run_dir, dev)
+        x, y = api.load_test_set(run_dir, dev)
     except UserError as exc:
         fail(exc)
-    x, y = data.eval_subset(x, y, subset)
     ea = cfg.attack.eval
-    settings = {"kind": ea.kind, "eps": eps if eps is not None else ea.eps, "step_size": ea.step_size,
-                "steps": steps or ea.steps, "restarts": restarts or ea.restarts}
-    torch.manual_seed(cfg.run.seed + 1)
-    nat, adv = evaluate(model, x, y, batch_size=cfg.data.test_batch_size, **settings)
-    result = {"type": "eval_cli", "nat_acc": nat, "adv_acc": adv, "n": len(x), "attack": settings}
-    RunDir(run_dir).append_event(result)
-    out.print_json(json.dumps(result))
+    count = n if n is not None else subset if subset is not None else (
+        cfg.eval.autoattack_n if attack == "autoattack" else cfg.eval.final_subset)
+    x, y = data.eval_subset(x, y, count)
+    eps_ = eps if eps is not None else ea.eps
+    batch_ = batch or cfg.data.test_batch_size
+    seed_ = seed if seed is not None else cfg.run.seed
+    rd = RunDir(run_dir)
+    if attack == "pgd":
+        res = evaluation.pgd(model, x, y, eps=eps_, step_size=ea.step_size, steps=steps or ea.steps,
+                             restarts=restarts or ea.restarts, loss=loss or ea.loss, batch_size=batch_,
+                             seed=seed_ + 1 if seed is None else seed_)
+        res = {"type": "eval_cli", **res, "device": str(dev)}
+        rd.append_event(res)
+        if as_json:
+            out.print_json(json.dumps(res))
+        else:
+            from robprune.engine.summary import attack_label
+
+            out.print(f"{attack_label(res['attack'], res['n'])}: natural {100 * res['nat_acc']:.2f}%, robust "
+                      f"{100 * res['adv_acc']:.2f}%", highlight=False, markup=False, soft_wrap=True)
+        return
+    res = _autoattack_with_progress(model, x, y, rd, eps=eps_, version=version, batch_size=batch_, seed=seed_,
+                                    num_classes=data.dataset_spec(cfg.data.name).num_classes, fresh=fresh)
+    rd.append_event({"type": "eval_cli", "attack": res["attack"], "clean_acc": res["clean_acc"],
+                     "robust_acc": res["robust_acc"], "n": len(y), "path": res["path"], "device": res["device"]})
+    if as_json:
+        out.print_json(json.dumps(res))
+    else:
+        _autoattack_table(res)
+
+
+def _autoattack_with_progress(model, x, y, rd, **kw) -> dict:
+    """AutoAttack with a progress bar on stderr (one task per attack of the ensemble)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from robprune.engine import evaluation
+
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False, disable=not err.is_terminal) as bar:
+        def progress(part: str, done: int, total: int) -> None:
+            if part not in tasks:
+                tasks[part] = bar.add_task(part, total=total)
+            bar.update(tasks[part], completed=done, total=total)
+
+        try:
+            return evaluation.autoattack(model, x, y, rd, progress=progress, **kw)
+        except UserError as exc:
+            fail(exc)
+
+
+def _autoattack_table(res: dict) -> None:
+    from rich.table import Table
+
+    from robprune.engine.summary import attack_label
+
+    t = Table(title=attack_label(res["attack"]), title_justify="left")
+    for col in ("attack", "settings", "robust accuracy after", "fooled", "seconds"):
+        t.add_column(col, justify="left" if col in ("attack", "settings") else "right")
+    t.add_row("clean", "", f"{100 * res['clean_acc']:.2f}%", "", f"{res['clean_seconds']:.1f}")
+    for p in res["per_attack"]:
+        settings = ", ".join(f"{k} {v}" for k, v in p["settings"].items())
+        t.add_row(p["name"], settings, f"{100 * p['robust_acc_after']:.2f}%", str(p["fooled"]), f"{p['seconds']:.1f}")
+    out.print(t)
+    out.print(f"robust accuracy {100 * res['robust_acc']:.2f}% ({res['robust_examples']} of {res['attack']['n']}) on "
+              f"{res['device']}, {res['precision']}; written to {res['path']}", highlight=False, markup=False,
+              soft_wrap=True)
 
 
 @app.command()
-def export(run_dir: Path = typer.Argument(..., help="A run directory (finished, or with a checkpoint).")) -> None:
-    """Write summary.json, summary.md and metrics.csv into the run directory."""
-    from robprune.engine.summary import export_run
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory (finished, or with a checkpoint)."),
+    compact: bool = typer.Option(False, "--compact", help="Also write model_compact.safetensors / .pt2: the pruned "
+                                                           "filters and channels removed (filter or column pruning)."),
+) -> None:
+    """Write summary.json, summary.md, metrics.csv and the model (model.safetensors, masks.safetensors, model.pt2,
+    model_card.json: they load without robprune) into the run directory."""
+    from robprune.engine.export import compact_lines, export_all
 
     skipped: list[str] = []
     try:
-        paths = export_run(run_dir, skipped)
+        paths, card = export_all(run_dir, skipped, compact=compact)
     except UserError as exc:
         fail(exc)
     for line in skipped:
@@ -274,6 +362,11 @@ def export(run_dir: Path = typer.Argument(..., help="A run directory (finished, 
              "other record is in the export")
     for p in paths:
         out.print(str(p), highlight=False)
+    for note in card.get("notes", []) + ([card["program"]["note"]] if card["program"].get("note") else []):
+        _say(f"robprune: warning: {note}")
+    if card.get("compact"):
+        for line in compact_lines(card["compact"]):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("experiment")
@@ -374,8 +467,22 @@ def bench_cmd(
     history: int = typer.Option(0, "--history", min=0, max=10_000_000,
                                 help="Instead: push this many step records through the dashboard's state and "
                                      "time each plot's redraw (and the memory the history holds)."),
+    compact: Optional[Path] = typer.Option(None, "--compact", metavar="RUN_DIR",
+                                           help="Instead: time inference of RUN_DIR's masked model against its "
+                                                "compact one (what robprune export --compact writes), batch = the "
+                                                "run's test batch size."),
 ) -> None:
     """Time adversarial training steps (and PGD evaluation); print one JSON object."""
+    if compact is not None:
+        from robprune.engine.export import run_compact_bench
+
+        try:
+            result = run_compact_bench(compact, device=device, repeats=repeats, warmup=warmup, iters=iters,
+                                       threads=threads)
+        except UserError as exc:
+            fail(exc)
+        print(json.dumps(result), flush=True)
+        return
     if history:
         from robprune.tui.history_bench import run_history_bench
 

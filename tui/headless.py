@@ -9,6 +9,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 
 from robprune.engine import events as ev
+from robprune.engine.summary import accuracy_lines
 
 
 class ProgressPrinter:
@@ -83,7 +84,6 @@ class HeadlessPrinter(ProgressPrinter):
 
 def summary_table(s: dict) -> Table:
     f = s["final"]
-    a = f.get("attack") or {}
     t = Table(title=f"{s['run']}: {s['status']}", show_lines=False)
     for col in ("layer", "shape", "params", "nonzero", "sparsity", "target"):
         t.add_column(col, justify="right" if col != "layer" else "left")
@@ -96,8 +96,5 @@ def summary_table(s: dict) -> Table:
               f"{cr['prunable']:.1f}x")
     t.add_row("all params", "", str(sp["total_params"]), str(sp["nonzero_params"]), f"{100 * sp['overall']:.2f}%",
               f"{cr['overall']:.1f}x")
-    nat = "n/a" if f.get("nat_acc") is None else f"{100 * f['nat_acc']:.2f}%"
-    adv = "n/a" if f.get("adv_acc") is None else f"{100 * f['adv_acc']:.2f}%"
-    t.caption = (f"natural {nat}   {str(a.get('kind', '')).upper()}-{a.get('steps')} eps {a.get('eps')} "
-                 f"step {a.get('step_size')} restarts {a.get('restarts')}: {adv}   (n={f.get('n')})")
+    t.caption = "\n".join(accuracy_lines(f))
     return t

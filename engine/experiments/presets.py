@@ -9,15 +9,18 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import PHASES, SCHEMES, load_profile, parse_value, presets_dir, toml_value
+from ..config import FINAL_ATTACKS, PHASES, SCHEMES, load_profile, parse_value, presets_dir, toml_value
 from ..errors import ConfigError, UserError
 
 EXPERIMENTS = ("weight-dist", "scratch-vs-pruned", "lottery", "transfer", "schemes")
 PRESETS = ("cpu", "paper", "tiny")
 PARAM_PREFIX = "exp."
+# parameters every experiment takes: final_attack = "autoattack" gives every run a final AutoAttack
+# (eval.final_attack; eval.autoattack_n examples), and every accuracy cell a third number
+COMMON_PARAMS = {"final_attack": "pgd"}
 
 # profile keys every experiment sets per run (the user sets them through the experiment's parameters instead)
-CONTROLLED = ("model.width", "prune.ratio", "prune.layers", "run.init", "run.name",
+CONTROLLED = ("model.width", "prune.ratio", "prune.layers", "run.init", "run.name", "eval.final_attack",
               *(f"phases.{phase}.epochs" for phase in PHASES))
 CONTROLLED_EXTRA = {"schemes": ("prune.scheme", "prune.linear_scheme")}
 
@@ -70,7 +73,7 @@ def experiment_params(name: str, preset: dict, source: str, sets: Sequence[str])
     base = preset.get(name)
     if not isinstance(base, dict):
         raise UserError(f"{source}: no [{name}] table: this preset does not define the experiment")
-    params = {k: v for k, v in base.items() if k != "profile"}
+    params = {**COMMON_PARAMS, **{k: v for k, v in base.items() if k != "profile"}}
     for item in sets:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -127,6 +130,8 @@ def _check_params(name: str, p: dict, origin: Callable[[str], str]) -> None:
             raise bad(key, "at least two widths (pairs w_L > w_S are pruned)")
         return v
 
+    if p.get("final_attack") not in FINAL_ATTACKS:
+        raise bad("final_attack", " or ".join(repr(a) for a in FINAL_ATTACKS))
     for key, v in p.items():
         if key.endswith("epochs") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise bad(key, "an integer >= 1")

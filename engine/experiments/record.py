@@ -45,6 +45,7 @@ def results_record(e: Experiment, title: str, results: dict, seconds: float) -> 
                  "final_eval_examples": sorted({r["n"] for r in runs.values() if r["n"] is not None})},
         "model": {"arch": cfg.model.arch},
         "attack": {"train": _attack_dict(cfg.attack.train), "eval": _attack_dict(cfg.attack.eval)},
+        "autoattack": _autoattack_label(runs),
         "versions": versions(),
         "runs": runs,
         **results,
@@ -54,7 +55,16 @@ def results_record(e: Experiment, title: str, results: dict, seconds: float) -> 
 
 
 def _attack_dict(a) -> dict:
-    return {"kind": a.kind, "eps": a.eps, "step_size": a.step_size, "steps": a.steps, "restarts": a.restarts}
+    return {"kind": a.kind, "eps": a.eps, "step_size": a.step_size, "steps": a.steps, "restarts": a.restarts,
+            "loss": a.loss}
+
+
+def _autoattack_label(runs: dict) -> str:
+    """The AutoAttack every run was evaluated with, named exactly ("" when none was)."""
+    from ..summary import attack_label
+
+    labels = sorted({attack_label(r["autoattack"]) for r in runs.values() if r.get("autoattack")})
+    return "; ".join(labels)
 
 
 def versions() -> dict:
@@ -92,6 +102,8 @@ def run_record(r: RunResult, profile_text: str, profile: str) -> dict:
         "profile_sha256": hashlib.sha256(profile_text.encode()).hexdigest(),
         "nat_acc": s["final"]["nat_acc"], "adv_acc": s["final"]["adv_acc"], "n": s["final"]["n"],
         "attack": s["final"]["attack"], "device": s.get("device"), "steps": s.get("steps"),
+        "aa_acc": (s["final"].get("autoattack") or {}).get("robust_acc"),
+        "autoattack": (s["final"].get("autoattack") or {}).get("attack"),
         "prunable_params": sp["prunable_params"], "prunable_nonzero": sp["prunable_nonzero"],
         "sparsity": sp["prunable"], "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
         "train_seconds": round(sum(s.get("phase_seconds", {}).values()), 3),

@@ -55,6 +55,8 @@ class Experiment:
         self.profile_overrides = profile_overrides(name, self.preset, source, self.profile, self.user_overrides,
                                                    self.params)
         # validate the base profile with every common override now: bad input fails before anything is written
+        # exp.final_attack decides, whatever the base profile says (an AutoAttack per run costs minutes on a CPU)
+        self.profile_overrides.append(f'eval.final_attack="{self.params["final_attack"]}"')
         self.cfg0 = load_profile(self.profile, self.profile_overrides)
         self.spec = data_mod.dataset_spec(self.cfg0.data.name)
         self.seed = self.cfg0.run.seed

@@ -1,6 +1,6 @@
 """What every experiment's report is made of: the :class:`Table` (with the paper's finding and whether it held), its
-cells ("nat/adv %" pairs, values, text) and the small helpers the experiments' reports share (accuracies of a run,
-percent text, pruning-ratio labels and notes)."""
+cells ("nat/adv %" pairs, "nat/adv/AutoAttack %" triples with exp.final_attack = "autoattack", values, text) and the
+small helpers the experiments' reports share (accuracies of a run, percent text, pruning-ratio labels and notes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,14 +44,16 @@ def pair(run: RunResult | None) -> dict | None:
     if run is None:
         return None
     f = run.summary["final"]
-    return {"nat": pct(f["nat_acc"]), "adv": pct(f["adv_acc"]), "run": run.spec.name}
+    aa = f.get("autoattack")
+    return {"nat": pct(f["nat_acc"]), "adv": pct(f["adv_acc"]), **({"aa": pct(aa["robust_acc"])} if aa else {}),
+            "run": run.spec.name}
 
 
 def cell_text(c: dict | None) -> str:
     if c is None:
         return ""
     if "nat" in c:
-        return f"{c['nat']:.2f}/{c['adv']:.2f}"
+        return f"{c['nat']:.2f}/{c['adv']:.2f}" + (f"/{c['aa']:.2f}" if c.get("aa") is not None else "")
     if "value" in c:
         s = f"{c['value']:.2f}"
         return f"**{s}**" if c.get("mark") else s
@@ -61,6 +63,12 @@ def cell_text(c: dict | None) -> str:
 def adv(e: Experiment, name: str) -> float:
     """The PGD accuracy (a fraction) of run ``name``'s final evaluation."""
     return e.runs[name].summary["final"]["adv_acc"]
+
+
+def autoattack(e: Experiment, name: str) -> float | None:
+    """The AutoAttack robust accuracy (a fraction) of run ``name``'s final evaluation, when it ran one."""
+    aa = e.runs[name].summary["final"].get("autoattack")
+    return None if not aa else aa["robust_acc"]
 
 
 def nat(e: Experiment, name: str) -> float:

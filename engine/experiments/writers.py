@@ -66,7 +66,9 @@ def report_markdown(r: dict) -> str:
          f"Preset: {r['preset']} ({r['preset_description']}). Data: {r['data']['name']}, model: {r['model']['arch']}. "
          f"Accuracies are natural/PGD % on {', '.join(map(str, r['data']['final_eval_examples']))} test examples "
          f"(PGD eps {r['attack']['eval']['eps']:g}, step {r['attack']['eval']['step_size']:g}, "
-         f"{r['attack']['eval']['steps']} steps, {r['attack']['eval']['restarts']} restart(s)).", ""]
+         f"{r['attack']['eval']['steps']} steps, {r['attack']['eval']['restarts']} restart(s))"
+         + (f"; a third number is AutoAttack's robust accuracy ({r['autoattack']})" if r.get("autoattack") else "")
+         + ".", ""]
     for i, t in enumerate(r["tables"], 1):
         L += [f"## Table {i}: {t['title']}", ""]
         L += table_markdown(t)
@@ -96,12 +98,13 @@ def report_markdown(r: dict) -> str:
           f"{', '.join(r['trained_this_call']) or 'none (all reused)'}",
           "- raw numbers: `results.json` (these tables are rendered from its `tables`), `results.csv` (one line per "
           "table cell), `runs.csv` (one line per run)", "",
-          "| run | what | natural % | PGD % | sparsity % | nonzero / prunable | train s | profile |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| run | what | natural % | PGD % | AutoAttack % | sparsity % | nonzero / prunable | train s | profile |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for name, run in r["runs"].items():
         role = run["role"]
         what = ", ".join(f"{k} {v}" for k, v in role.items() if k not in ("ratios", "init", "source", "mask_of"))
-        L.append(f"| {name} | {what} | {pstr(run['nat_acc'])} | {pstr(run['adv_acc'])} | {100 * run['sparsity']:.2f} | "
+        aa = "n/a" if run.get("aa_acc") is None else pstr(run["aa_acc"])
+        L.append(f"| {name} | {what} | {pstr(run['nat_acc'])} | {pstr(run['adv_acc'])} | {aa} | {100 * run['sparsity']:.2f} | "
                  f"{run['prunable_nonzero']} / {run['prunable_params']} | {run['train_seconds']:.0f} | "
                  f"[{run['profile']}]({run['profile']}) |")
     return "\n".join(L) + "\n"

@@ -10,6 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static
 
 from robprune.engine.control import FACTOR_RANGE, RHO_RANGE, CommandError, SetRho
+from robprune.engine.summary import accuracy_lines
 
 HELP = """\
 [b]robprune dashboard[/b]
@@ -136,7 +137,6 @@ class ConfirmQuit(ModalScreen[bool]):
 
 def summary_renderable(s: dict) -> Table:
     f = s["final"]
-    a = f.get("attack") or {}
     sp, cr = s["sparsity"], s["compression_rate"]
     t = Table(title=f"{s['run']}: {s['status']}", expand=True)
     for col in ("layer", "params", "nonzero", "sparsity", "target"):
@@ -147,10 +147,7 @@ def summary_renderable(s: dict) -> Table:
     t.add_section()
     t.add_row("overall (prunable)", f"{sp['prunable_params']:,}", f"{sp['prunable_nonzero']:,}",
               f"{100 * sp['prunable']:.2f}%", f"{cr['prunable']:.1f}x")
-    nat = "n/a" if f.get("nat_acc") is None else f"{100 * f['nat_acc']:.2f}%"
-    adv = "n/a" if f.get("adv_acc") is None else f"{100 * f['adv_acc']:.2f}%"
-    t.caption = (f"natural {nat}  {str(a.get('kind', '')).upper()}-{a.get('steps')} eps {a.get('eps')}: {adv}"
-                 f"  (n={f.get('n')})  compression {cr['prunable']:.1f}x")
+    t.caption = "\n".join(accuracy_lines(f) + [f"compression {cr['prunable']:.1f}x"])
     return t
 
 

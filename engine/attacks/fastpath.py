@@ -1,12 +1,4 @@
-"""L-inf attacks with one call signature: ``attack(model, x, y, kind=..., eps=..., step_size=..., steps=..., restarts=...)``.
-
-Inputs are pixels in [0, 1] (no normalisation, as in the paper's reference). Every adversarial example
-stays inside the eps-ball around ``x`` and inside [0, 1].
-
-Model mode: the attacks run the model in **eval mode** (BatchNorm uses its running statistics and the
-attack's forward passes do not update them) and restore the mode the model had on entry. Only the input
-gets a gradient (``torch.autograd.grad`` w.r.t. the perturbation), so no weight gradients are computed
-or accumulated during the attack.
+"""The CPU fast path every attack runs through: an eval-mode rewrite of the model, and one chunk per core.
 
 Speed: the attacks differentiate an eval-mode rewrite of the model (:func:`attack_model`, made once per model
 with torch.fx) that computes the same function with fewer passes over the activations: each Conv2d followed by
@@ -28,6 +20,7 @@ models tested). A small model's layers are too small for oneDNN to keep two thre
 operation; one chunk per core is. ``SPLIT_ATTACK = False`` turns it off. A worker runs a chunk whose
 activations would outgrow one heap of its malloc arena in pieces (``WORKER_PIECE_BYTES``, :func:`_pieces`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ATTACK_KINDS as KINDS
-from .models import PerModel
+from ..models import PerModel
+
 FAST_ATTACK = True  # differentiate the folded eval-mode rewrite of the model (see attack_model)
 # conv + 2x2 max-pool pairs with at most this many input channels run space-to-depth on the CPU: it pays with
 # one input channel (MNIST), not with three (CIFAR); see docs/performance.md.
@@ -549,131 +542,3 @@ def _pieces(net: nn.Module, x: Tensor, chunk: int) -> int:
     return max(1, min(need, chunk // max(SPLIT_MIN_CHUNK // 2, 1)))
 
 
-def _input_grad(model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
-    x_adv = x_adv.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x_adv)
-    return grad
-
-
-def _random_start(x: Tensor, eps: float) -> Tensor:
-    delta = torch.empty_like(x).uniform_(-eps, eps)
-    return (x + delta).clamp_(0.0, 1.0)
-
-
-def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
-
-
-def _pgd_chunk(net: nn.Module, x: Tensor, y: Tensor, lo: Tensor, hi: Tensor, *starts: Tensor, step_size: float,
-               steps: int) -> Tensor:
-    """PGD from each start in ``starts`` (one per restart); per example, the first restart that fools ``net``."""
-    entry = getattr(net, "s2d_entry", None)
-    finish = lambda t: t  # noqa: E731
-    if entry is not None and entry.applies(x):  # iterate space-to-depth (see _S2DEntry)
-        net, finish = entry.graph, entry.pool.shuffle
-        lo, hi = entry.pool.unshuffle(lo), entry.pool.unshuffle(hi)
-        starts = tuple(entry.pool.unshuffle(s) for s in starts)
-    best = None
-    fooled = None
-    with torch.enable_grad():
-        for start in starts:
-            x_adv = start.clone()
-            for _ in range(steps):
-                g = _input_grad(net, x_adv, y)
-                # x_adv + step * sign(g), projected onto the eps-ball and [0, 1], in place (x_adv is ours)
-                x_adv = x_adv.detach().add_(g.sign_(), alpha=step_size)
-                torch.maximum(x_adv, lo, out=x_adv)
-                torch.minimum(x_adv, hi, out=x_adv)
-                x_adv.clamp_(0.0, 1.0)
-            x_adv = x_adv.detach()
-            if len(starts) == 1:
-                return finish(x_adv)
-            with torch.no_grad():
-                wrong = net(x_adv).argmax(1) != y
-            if best is None:
-                best, fooled = x_adv, wrong
-            else:
-                take = wrong & ~fooled
-                best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
-                fooled = fooled | wrong
-    return finish(best)
-
-
-def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,
-        restarts: int = 1, random_start: bool = True) -> Tensor:
-    """Madry PGD-Linf: uniform random start in the eps-ball, ``steps`` signed-gradient ascent steps of
-    ``step_size``, projection onto the eps-ball and [0, 1] after each step. With ``restarts`` > 1 the
-    worst case per example is kept (the first restart that fools the model). The random starts are drawn
-    for the whole batch, in order, before any chunk runs (see :func:`_split_run`)."""
-    was_training = model.training
-    model.eval()
-    try:
-        net = attack_model(model)
-        starts = [_random_start(x, eps) if random_start else x for _ in range(max(restarts, 1))]
-        run = lambda m, *b: _pgd_chunk(m, *b, step_size=step_size, steps=steps)  # noqa: E731
-        return _split_run(run, net, model, x, y, x - eps, x + eps, *starts)
-    finally:
-        model.train(was_training)
-
-
-def _fgsm_chunk(net: nn.Module, x: Tensor, y: Tensor, start: Tensor, *, eps: float, step_size: float) -> Tensor:
-    with torch.enable_grad():
-        g = _input_grad(net, start, y)
-    return _project(start.detach() + step_size * g.sign(), x, eps).detach()
-
-
-def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int = 1,
-            restarts: int = 1) -> Tensor:
-    """FGSM with a random start (Wong et al., 2020, "fast adversarial training"): one signed step of
-    ``step_size`` (typically 1.25 eps) from a uniform random point of the eps-ball, then projection."""
-    was_training = model.training
-    model.eval()
-    try:
-        start = _random_start(x, eps)
-        run = lambda m, *b: _fgsm_chunk(m, *b, eps=eps, step_size=step_size)  # noqa: E731
-        return _split_run(run, attack_model(model), model, x, y, start)
-    finally:
-        model.train(was_training)
-
-
-def attack(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, step_size: float, steps: int,
-           restarts: int = 1) -> Tensor:
-    """Dispatch by ``kind`` (pgd | fgsm-rs | none); ``none`` returns ``x`` itself."""
-    if kind == "pgd":
-        return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, restarts=restarts)
-    if kind == "fgsm-rs":
-        return fgsm_rs(model, x, y, eps=eps, step_size=step_size)
-    if kind == "none" or eps == 0:
-        return x
-    raise ValueError(f"unknown attack kind {kind!r}; expected one of {', '.join(KINDS)}")
-
-
-@torch.no_grad()
-def _count_correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return (model(x).argmax(1) == y).sum()
-
-
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, step_size: float, steps: int,
-             restarts: int = 1, batch_size: int = 500, to_float=None) -> tuple[float, float]:
-    """Natural and adversarial accuracy of ``model`` (in eval mode) on ``(x, y)``, batch by batch.
-
-    ``to_float`` converts a stored batch (e.g. uint8) to [0, 1] floats. Counts stay on the device and are
-    read once at the end."""
-    was_training = model.training
-    model.eval()
-    dev = x.device
-    nat = torch.zeros((), dtype=torch.long, device=dev)
-    adv = torch.zeros((), dtype=torch.long, device=dev)
-    try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            xb = to_float(xb) if to_float is not None else xb
-            yb = y[i:i + batch_size]
-            nat += _count_correct(attack_model(model), xb, yb)
-            xa = attack(model, xb, yb, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts)
-            adv += _count_correct(attack_model(model), xa, yb)
-    finally:
-        model.train(was_training)
-    n = max(len(x), 1)
-    return nat.item() / n, adv.item() / n
