@@ -66,9 +66,9 @@ def _weights_do_not_fit(rd: RunDir, cfg: Config, exc: RuntimeError) -> UserError
 
 
 def load_test_set(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """The run's test set as float tensors in [0, 1] and int64 labels."""
+    """The run's test set as float tensors in [0, 1] and int64 labels (the training set is not read)."""
     cfg = load_config(run_dir)
-    ds = data_mod.load_dataset(cfg.data.name, cfg.data.root, False, torch.device(device),
-                               train_subset=cfg.data.train_subset, synthetic_train=cfg.data.synthetic_train,
-                               synthetic_test=cfg.data.synthetic_test, seed=cfg.run.seed)
-    return data_mod.to_float(ds.test_x), ds.test_y
+    ds = data_mod.load_dataset(cfg.data.name, cfg.data.root, False, "cpu", train_subset=cfg.data.train_subset,
+                               synthetic_train=cfg.data.synthetic_train, synthetic_test=cfg.data.synthetic_test,
+                               seed=cfg.run.seed, test_only=True)
+    return data_mod.to_float(ds.test_x.to(device)), ds.test_y.to(device)

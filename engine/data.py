@@ -143,8 +143,9 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _torchvision(kind: str, root: str, download: bool):
-    """(train, test) torchvision data sets; torchvision's errors become one-line DataErrors."""
+def _torchvision(kind: str, root: str, download: bool, with_train: bool = True):
+    """(train, test) torchvision data sets (train None unless ``with_train``); torchvision's errors become
+    one-line DataErrors."""
     from torchvision import datasets
 
     if kind == "mnist":
@@ -156,7 +157,7 @@ def _torchvision(kind: str, root: str, download: bool):
         where = os.path.join(root, "cifar-10-batches-py")
         manual = f"unpack cifar-10-python.tar.gz in {root}"
     try:
-        train = cls(root, train=True, download=download)
+        train = cls(root, train=True, download=download) if with_train else None
         test = cls(root, train=False, download=download)
     except Exception as e:
         missing = isinstance(e, RuntimeError) and str(e).startswith("Dataset not found")
@@ -175,13 +176,20 @@ def _torchvision(kind: str, root: str, download: bool):
     return train, test
 
 
-def _load_mnist(root: str, download: bool):
-    train, test = _torchvision("mnist", root, download)
+def _load_mnist(root: str, download: bool, with_train: bool = True):
+    train, test = _torchvision("mnist", root, download, with_train)
+    if train is None:
+        return _no_train(test.data.unsqueeze(1)) + (test.data.unsqueeze(1), test.targets.long())
     return train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long()
 
 
-def _load_cifar10(root: str, download: bool):
-    train, test = _torchvision("cifar10", root, download)
+def _no_train(test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty training set shaped like ``test_x``'s examples (an evaluation loads only the test set)."""
+    return test_x[:0], torch.zeros(0, dtype=torch.int64)
+
+
+def _load_cifar10(root: str, download: bool, with_train: bool = True):
+    train, test = _torchvision("cifar10", root, download, with_train)
 
     def images(ds):
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
@@ -189,6 +197,8 @@ def _load_cifar10(root: str, download: bool):
     def labels(ds):
         return torch.tensor(ds.targets, dtype=torch.int64)
 
+    if train is None:
+        return _no_train(images(test)) + (images(test), labels(test))
     return images(train), labels(train), images(test), labels(test)
 
 
@@ -231,19 +241,21 @@ def load_dataset(
     synthetic_train: int = 512,
     synthetic_test: int = 256,
     seed: int = 0,
+    test_only: bool = False,
 ) -> Dataset:
     """Load a data set by name (one of :data:`DATASET_NAMES`) onto ``device``.
 
     ``train_subset > 0`` keeps the first ``train_subset`` training examples (the orders are already mixed).
-    ``seed`` only affects ``"synthetic"``. Missing or broken files raise :class:`DataError`.
+    ``seed`` only affects ``"synthetic"``. ``test_only``: MNIST and CIFAR-10 leave the training set unread (empty),
+    for an evaluation. Missing or broken files raise :class:`DataError`.
     """
     root = os.fspath(root)
     if name == "mnist-5k":
         parts = _load_mnist5k()
     elif name == "mnist":
-        parts = _load_mnist(root, download)
+        parts = _load_mnist(root, download, not test_only)
     elif name == "cifar10":
-        parts = _load_cifar10(root, download)
+        parts = _load_cifar10(root, download, not test_only)
     elif name == "synthetic":
         parts = make_synthetic(synthetic_train, synthetic_test, seed)
     else:

@@ -109,10 +109,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rd: RunDir, *
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float, steps: int,
         restarts: int, loss: str, batch_size: int, seed: int) -> dict:
     """Natural and PGD accuracy (float32, TF32 off), with the attack named exactly."""
-    with float32(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with float32():
         nat, adv = evaluate(model, x, y, kind="pgd", eps=eps, step_size=step_size, steps=steps, restarts=restarts,
-                            batch_size=batch_size, loss=loss)
+                            batch_size=batch_size, loss=loss, seed=seed)
     return {"nat_acc": nat, "adv_acc": adv, "n": len(y),
             "attack": {"kind": "pgd", "loss": loss, "eps": eps, "step_size": step_size, "steps": steps,
                        "restarts": restarts}}

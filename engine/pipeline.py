@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -50,6 +51,22 @@ class StopRequested(Exception):
 class _StopInFinal(StopRequested):
     """A stop during the final AutoAttack: the checkpoint of the last phase's end stands (resume finishes the run
     and continues the attack from its state file)."""
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what deterministic cuBLAS needs (CUDA's reproducibility notes)
+
+
+def bf16_usable(device: torch.device, wanted: bool, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """Whether bf16 autocast runs for ``run.bf16 = wanted`` on ``device``, and a warning when it does not although
+    asked: below compute capability 8.0 (V100, T4) cuDNN has no bf16 convolutions, and the emulated path is far
+    slower than float32, so such a card runs float32."""
+    if not wanted or device.type != "cuda":
+        return False, ""
+    major, minor = capability or torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        return False, (f"run.bf16: this GPU (compute capability {major}.{minor}) has no native bf16 convolutions; "
+                       "running float32 instead (bf16 needs 8.0 or newer: A100, RTX 30xx, H100 ...)")
+    return True, ""
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -187,10 +204,17 @@ class Engine:
         cfg = self.cfg
         self.device = resolve_device(cfg)
         self.resources = ResourceMonitor(self.device)
+        self.bf16, why = bf16_usable(self.device, cfg.run.bf16)
+        if why:
+            self.log("warning", why)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if cfg.run.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            if self.device.type == "cuda":  # cuBLAS reads it at its first call: before the model reaches the GPU
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+            # on CUDA an operation without a deterministic kernel is an error, not a warning: a run that says it
+            # is deterministic is (on the CPU the kernels robprune uses are)
+            torch.use_deterministic_algorithms(True, warn_only=self.device.type != "cuda")
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -263,6 +287,7 @@ class Engine:
                 start_phase, mid_phase = 0, False
                 if self.resume_state is not None:
                     start_phase = self._restore(self.resume_state)
+                    self.resume_state = None  # restored: the loaded checkpoint (GBs for a WRN) is not kept
                     mid_phase = start_phase == self.phase_index
                 for i in range(start_phase, len(PHASES)):
                     self._run_phase(i, resumed=mid_phase and i == start_phase)
@@ -372,8 +397,7 @@ class Engine:
         dev = self.device
         self._acc = [torch.zeros((), device=dev), torch.zeros((), dtype=torch.long, device=dev), 0]
         self._interval_t0 = time.monotonic()
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.run.bf16 and dev.type == "cuda"
-                    else contextlib.nullcontext())
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
         model = self.model
         nb = len(self.loader)
         for x, y in self.loader.batches(self._loader_epoch(), start_batch=self.batch):
@@ -539,12 +563,12 @@ class Engine:
         else:
             x, y = self.eval_x, self.eval_y
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # evaluation never perturbs the training RNG stream
-            torch.manual_seed(cfg.run.seed + 1)
-            with eval_mod.float32():
-                nat, adv = evaluate(self.model, x, y, kind=ea.kind, eps=ea.eps, step_size=ea.step_size,
-                                    steps=ea.steps, restarts=ea.restarts, batch_size=cfg.data.test_batch_size,
-                                    to_float=data_mod.to_float, loss=ea.loss)
+        # the random starts come from their own CPU generator (the same on every device); the fork keeps anything
+        # else an evaluation might draw out of training's stream
+        with torch.random.fork_rng(devices=devices), eval_mod.float32():
+            nat, adv = evaluate(self.model, x, y, kind=ea.kind, eps=ea.eps, step_size=ea.step_size, steps=ea.steps,
+                                restarts=ea.restarts, batch_size=cfg.data.test_batch_size,
+                                to_float=data_mod.to_float, loss=ea.loss, seed=cfg.run.seed + 1)
         attack_info = {"kind": ea.kind, "eps": ea.eps, "step_size": ea.step_size, "steps": ea.steps,
                        "restarts": ea.restarts, **({"loss": ea.loss} if ea.kind == "pgd" else {})}
         ev = EvalResult(nat_acc=nat, adv_acc=adv, n=len(x), attack=attack_info, reason=reason, **self._where())

@@ -126,3 +126,33 @@ def test_none_returns_input():
     model = build_model("lenet", 1)
     x = torch.rand(4, 1, 28, 28)
     assert attack(model, x, torch.zeros(4, dtype=torch.long), kind="none", eps=0.3, step_size=0.1, steps=3) is x
+
+
+def test_evaluation_random_starts_come_from_their_own_cpu_generator(trained_lenet):
+    """With a seed, PGD's random starts are drawn on the CPU from a generator of their own (the same numbers a GPU
+    evaluation draws, moved to it), so the global RNG stream is untouched and two evaluations agree exactly."""
+    from robprune.engine.attacks.pgd import _random_start
+
+    model, x, y = trained_lenet
+    x, y = x[:64], y[:64]
+    start = _random_start(x, 0.3, torch.Generator().manual_seed(5))
+    delta = torch.empty(x.shape).uniform_(-0.3, 0.3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(start, (x + delta).clamp(0, 1))
+    before = torch.get_rng_state()
+    a = evaluate(model, x, y, kind="pgd", eps=0.3, step_size=0.05, steps=3, batch_size=32, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = evaluate(model, x, y, kind="pgd", eps=0.3, step_size=0.05, steps=3, batch_size=32, seed=7)
+    assert a == b and a[1] <= a[0]
+
+
+def test_bf16_only_where_the_gpu_has_native_bf16():
+    from robprune.engine.pipeline import bf16_usable
+
+    cuda = torch.device("cuda")
+    assert bf16_usable(cuda, True, (8, 0)) == (True, "")
+    assert bf16_usable(cuda, True, (9, 0)) == (True, "")
+    on, why = bf16_usable(cuda, True, (7, 0))  # V100
+    assert not on and "compute capability 7.0" in why and "float32" in why
+    assert not bf16_usable(cuda, True, (7, 5))[0]  # T4
+    assert bf16_usable(torch.device("cpu"), True) == (False, "")  # no effect on the CPU, nothing to warn about
+    assert bf16_usable(cuda, False, (9, 0)) == (False, "")

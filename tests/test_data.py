@@ -390,3 +390,25 @@ def test_malformed_mnist_is_data_error(tmp_path):
     (tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x00\x00garbage")
     with pytest.raises(DataError, match="unreadable"):
         load_dataset("mnist", str(tmp_path), False, "cpu")
+
+
+def test_test_only_leaves_the_training_set_unread(tmp_path, no_cifar_checksums, monkeypatch):
+    """An evaluation loads the test set only: torchvision is never asked for the training split (50k CIFAR images
+    an eval does not need), and the test set is the same as a full load's."""
+    rows, labels = _write_cifar(tmp_path)
+    full = load_dataset("cifar10", str(tmp_path), False, "cpu")
+    asked = []
+    real = tv_cifar.CIFAR10.__init__
+
+    def spy(self, root, train=True, **kw):
+        asked.append(train)
+        real(self, root, train=train, **kw)
+
+    monkeypatch.setattr(tv_cifar.CIFAR10, "__init__", spy)
+    ds = load_dataset("cifar10", str(tmp_path), False, "cpu", test_only=True)
+    assert asked == [False]
+    assert torch.equal(ds.test_x, full.test_x) and torch.equal(ds.test_y, full.test_y)
+    assert ds.train_x.shape == (0, 3, 32, 32) and ds.spec.train_size == 0 and ds.spec.in_channels == 3
+    _write_mnist(tmp_path)
+    m = load_dataset("mnist", str(tmp_path), False, "cpu", test_only=True)
+    assert m.train_x.shape == (0, 1, 28, 28) and m.test_x.shape == (12, 1, 28, 28)

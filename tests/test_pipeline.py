@@ -167,6 +167,7 @@ def test_commands_pause_rho_eval_checkpoint_stop_and_resume(tmp_path, tiny_profi
     r.control.stop()  # stop again right away: a resumed run reads commands like a fresh one
     r.run()
     assert r.state == "stopped" and r.engine.step == stopped_at
+    assert r.engine.resume_state is None  # restored, then released: the loaded checkpoint is not kept for the run
 
 
 def test_checkpoint_round_trip(tmp_path, tiny_profile):

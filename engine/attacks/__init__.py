@@ -30,13 +30,15 @@ __all__ = ["KINDS", "apgd", "apgd_targeted", "attack", "attack_model", "channels
 
 
 def attack(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, step_size: float, steps: int,
-           restarts: int = 1, loss: str = "ce") -> Tensor:
+           restarts: int = 1, loss: str = "ce", generator: torch.Generator | None = None) -> Tensor:
     """Dispatch by ``kind`` (pgd | fgsm-rs | none); ``none`` returns ``x`` itself. ``loss`` (PGD): ``ce``
-    (cross-entropy) or ``cw`` (Carlini-Wagner margin)."""
+    (cross-entropy) or ``cw`` (Carlini-Wagner margin); ``generator``: a CPU generator for PGD's random starts
+    (the same numbers on every device)."""
     if kind == "pgd":
-        return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, restarts=restarts, loss=loss)
+        return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, restarts=restarts, loss=loss,
+                   generator=generator)
     if kind == "fgsm-rs":
-        return fgsm_rs(model, x, y, eps=eps, step_size=step_size)
+        return fgsm_rs(model, x, y, eps=eps, step_size=step_size, generator=generator)
     if kind == "none" or eps == 0:
         return x
     raise ValueError(f"unknown attack kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -48,11 +50,14 @@ def _count_correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, step_size: float, steps: int,
-             restarts: int = 1, batch_size: int = 500, to_float=None, loss: str = "ce") -> tuple[float, float]:
+             restarts: int = 1, batch_size: int = 500, to_float=None, loss: str = "ce",
+             seed: int | None = None) -> tuple[float, float]:
     """Natural and adversarial accuracy of ``model`` (in eval mode) on ``(x, y)``, batch by batch.
 
     ``to_float`` converts a stored batch (e.g. uint8) to [0, 1] floats. Counts stay on the device and are
-    read once at the end."""
+    read once at the end. ``seed``: PGD's random starts come from a CPU generator seeded with it, so a CPU and a
+    GPU evaluation of the same weights start from the same points (None: the device's generator)."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     dev = x.device
@@ -65,7 +70,7 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, s
             yb = y[i:i + batch_size]
             nat += _count_correct(attack_model(model), xb, yb)
             xa = attack(model, xb, yb, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
-                        loss=loss)
+                        loss=loss, generator=generator)
             adv += _count_correct(attack_model(model), xa, yb)
     finally:
         model.train(was_training)

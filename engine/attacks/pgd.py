@@ -29,8 +29,14 @@ def _input_grad(model: nn.Module, x_adv: Tensor, y: Tensor, loss: str = "ce") ->
     return grad
 
 
-def _random_start(x: Tensor, eps: float) -> Tensor:
-    delta = torch.empty_like(x).uniform_(-eps, eps)
+def _random_start(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+    """A uniform point of the eps-ball around ``x``, clipped to [0, 1]. With a (CPU) ``generator`` it is drawn on
+    the CPU and moved to ``x``'s device: the same numbers on every device (evaluations); without one, from the
+    device's own generator (training: no host round trip)."""
+    if generator is None:
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:
+        delta = torch.empty(x.shape, dtype=x.dtype).uniform_(-eps, eps, generator=generator).to(x.device)
     return (x + delta).clamp_(0.0, 1.0)
 
 
@@ -74,19 +80,20 @@ def _pgd_chunk(net: nn.Module, x: Tensor, y: Tensor, lo: Tensor, hi: Tensor, *st
 
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,
-        restarts: int = 1, random_start: bool = True, loss: str = "ce") -> Tensor:
+        restarts: int = 1, random_start: bool = True, loss: str = "ce",
+        generator: torch.Generator | None = None) -> Tensor:
     """Madry PGD-Linf: uniform random start in the eps-ball, ``steps`` signed-gradient ascent steps of
     ``step_size`` on ``loss`` ("ce": cross-entropy, "cw": :func:`cw_loss`), projection onto the eps-ball and
     [0, 1] after each step. With ``restarts`` > 1 the worst case per example is kept (the first restart that
     fools the model). The random starts are drawn for the whole batch, in order, before any chunk runs (see
-    :func:`_split_run`)."""
+    :func:`_split_run`), from ``generator`` when given (see :func:`_random_start`)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown PGD loss {loss!r}; expected one of {', '.join(LOSSES)}")
     was_training = model.training
     model.eval()
     try:
         net = attack_model(model)
-        starts = [_random_start(x, eps) if random_start else x for _ in range(max(restarts, 1))]
+        starts = [_random_start(x, eps, generator) if random_start else x for _ in range(max(restarts, 1))]
         run = lambda m, *b: _pgd_chunk(m, *b, step_size=step_size, steps=steps, loss=loss)  # noqa: E731
         return _split_run(run, net, model, x, y, x - eps, x + eps, *starts)
     finally:
