@@ -229,7 +229,8 @@ def test_a_run_reports_its_final_autoattack(aa_run):
     assert aa["attack"]["name"] == "autoattack" and aa["attack"]["n"] == 40 and aa["attack"]["eps"] == 0.1
     assert 0 <= aa["robust_acc"] <= aa["clean_acc"] <= 1
     assert s["final"]["robust"]["acc"] == aa["robust_acc"]
-    assert s["final"]["robust"]["attack"].startswith("AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), Linf eps 0.1")
+    assert s["final"]["robust"]["attack"] == ("AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; 100 steps, 9 target "
+                                              "classes, 5000 queries, 1 restart each), Linf eps 0.1, n 40")
     md = (aa_run / "summary.md").read_text()
     assert "Reported robustness" in md and "AutoAttack standard" in md and "PGD-5 (CE loss)" in md
     written = json.loads((aa_run / "eval" / f"{autoattack_name('standard', 0.1, 40)}.json").read_text())

@@ -401,7 +401,7 @@ def test_autoattack_column(base, tmp_path):
         s = json.loads((Path(run["run_dir"]) / "summary.json").read_text())
         assert run["aa_acc"] == s["final"]["autoattack"]["robust_acc"], name
     md = (out / "report.md").read_text()
-    assert "a third number is AutoAttack's robust accuracy (AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square)" in md
+    assert "a third number is AutoAttack's robust accuracy (AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; " in md
     for tid, (header, rows) in md_tables(md).items():
         table = next(t for t in results["tables"] if t["id"] == tid)
         for row, jrow in zip(rows, table["rows"]):

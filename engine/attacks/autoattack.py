@@ -80,10 +80,20 @@ def describe(version: str, eps: float, n: int, seed: int, num_classes: int = 10)
 
 
 def label(attack: dict) -> str:
-    """One line naming an AutoAttack evaluation: ``AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square), Linf eps
-    0.3, n 200``."""
-    parts = ", ".join(p["name"].upper().replace("SQUARE", "Square") for p in attack.get("attacks", []))
-    return f"AutoAttack {attack.get('version')} ({parts}), Linf eps {attack.get('eps'):g}, n {attack.get('n')}"
+    """One line naming an AutoAttack evaluation exactly: ``AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; 100
+    steps, 9 target classes, 5000 queries, 1 restart each), Linf eps 0.3, n 200``."""
+    parts = attack.get("attacks", [])
+    names = ", ".join(p["name"].upper().replace("SQUARE", "Square") for p in parts)
+    facts = []
+    for key, unit in (("steps", "steps"), ("target_classes", "target classes"), ("queries", "queries"),
+                      ("eot", "EOT samples")):
+        values = sorted({p[key] for p in parts if key in p})
+        if values:
+            facts.append(f"{'/'.join(map(str, values))} {unit}")
+    restarts = sorted({p.get("restarts", 1) for p in parts})
+    facts.append(f"{'/'.join(map(str, restarts))} restart{'' if restarts == [1] else 's'} each")
+    return (f"AutoAttack {attack.get('version')} ({names}; {', '.join(facts)}), Linf eps {attack.get('eps'):g}, "
+            f"n {attack.get('n')}")
 
 
 def _generator(seed: int, part: int, batch: int) -> torch.Generator:
