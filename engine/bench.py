@@ -33,7 +33,7 @@ from .admm import ADMM
 from .attacks import evaluate, split_chunks
 from .config import ATTACK_KINDS, PHASES, PhaseConfig
 from .models import build_model, cpu_channels_last_hazard, prunable_parameters
-from .pipeline import adversarial_step, make_optimizer
+from .pipeline import adversarial_step, bf16_usable, make_optimizer
 from .pruning import MaskedParams, layer_scheme, n_pruned, project
 
 MODELS = ("lenet", "resnet18", "vgg16", "wrn")
@@ -294,6 +294,33 @@ def datasheet_peak(device_name: str, dtype: str) -> float | None:
     return None
 
 
+def rate_fractions(tflop_per_s: dict[str, float | None], matmul: dict[str, tuple[float | None, str]],
+                   device_name: str | None) -> dict:
+    """Each loop's TFLOP/s read against the matmul rate and the datasheet peak *of its own precision*.
+
+    ``tflop_per_s`` and ``matmul`` are keyed by loop, ``"train"`` (ours) and ``"baseline"`` (the reference, where
+    timed): the loop's achieved TFLOP/s (None where not counted) and ``(matmul TFLOP/s or None, dtype)`` measured
+    in the dtype that loop computes in (see :func:`_matmul_rate`). With ``--bf16`` on CUDA ours computes in
+    bfloat16 and the reference loop, which never autocasts, in float32 (TF32): each is divided by its own.
+    ``device_name`` is the CUDA card's name, None on the CPU (no datasheet peak there).
+
+    Returns ``matmul_tflop_per_s``, ``matmul_dtype``, ``device_peak_tflop_per_s`` (ours' dtype) and, for the
+    baseline, the same keys prefixed ``baseline_``; ``{who}_fraction_of_matmul`` / ``{who}_fraction_of_peak``
+    where both numbers are known. Pure arithmetic: no device is touched."""
+    out: dict = {}
+    for who, (rate, dtype) in matmul.items():
+        pre = "" if who == "train" else f"{who}_"
+        peak = datasheet_peak(device_name, dtype) if device_name else None
+        out.update({f"{pre}matmul_tflop_per_s": rate, f"{pre}matmul_dtype": dtype,
+                    f"{pre}device_peak_tflop_per_s": peak})
+        tflops = tflop_per_s.get(who)
+        if tflops and rate:
+            out[f"{who}_fraction_of_matmul"] = tflops / rate
+        if tflops and peak:
+            out[f"{who}_fraction_of_peak"] = tflops / peak
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: str = "pgd", steps: int = 40,
@@ -311,10 +338,13 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     minor page faults per timed step, with ``baseline`` also ``baseline_page_faults_per_step``; CPU on POSIX),
     ``train_flop_per_step`` / ``train_tflop_per_s`` (convolutions and matmuls counted, forward and backward; with
     ``baseline`` also ``baseline_flop_per_step`` / ``baseline_tflop_per_s``), ``matmul_tflop_per_s`` and
-    ``matmul_dtype`` (see :func:`_matmul_rate`) with ``train_fraction_of_matmul`` (and
-    ``baseline_fraction_of_matmul``), ``device_peak_tflop_per_s`` (the card's datasheet peak in that dtype,
-    :func:`datasheet_peak`; None on the CPU or for a card not listed) with ``train_fraction_of_peak`` (and
-    ``baseline_fraction_of_peak``), ``device``, ``device_name``, ``torch`` and ``settings``."""
+    ``matmul_dtype`` (see :func:`_matmul_rate`) with ``train_fraction_of_matmul``, ``device_peak_tflop_per_s``
+    (the card's datasheet peak in that dtype, :func:`datasheet_peak`; None on the CPU or for a card not listed)
+    with ``train_fraction_of_peak``; with ``baseline`` the same for the reference loop in *its* precision
+    (``baseline_matmul_tflop_per_s``, ``baseline_matmul_dtype``, ``baseline_device_peak_tflop_per_s``,
+    ``baseline_fraction_of_matmul``, ``baseline_fraction_of_peak``: float32/TF32 even under ``bf16``, see
+    :func:`rate_fractions`); ``device``, ``device_name``, ``torch`` and ``settings``. ``bf16`` on the CPU is
+    not used: ``settings["bf16"]`` is false (``bf16_requested`` true) and both loops run float32."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
     if attack not in ATTACK_KINDS:
@@ -338,7 +368,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     d_eps, d_step = MNIST_ATTACK if model == "lenet" else CIFAR_ATTACK
     eps = d_eps if eps is None else float(eps)
     step_size = d_step if step_size is None else float(step_size)
-    use_bf16 = bool(bf16) and dev.type == "cuda"  # as in the engine: bf16 autocast is a CUDA feature
+    # as in the engine: bf16 autocast only on a GPU with native bf16 (compute capability 8.0 or newer)
+    use_bf16, bf16_note = bf16_usable(dev, bool(bf16))
 
     torch.manual_seed(seed)
     base_net = build_model(model, width, num_classes=10, in_channels=in_ch, image_size=side, depth=depth)
@@ -456,7 +487,11 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
             net, net, opt, xs[0], ys[0], kind=attack, eps=eps, step_size=step_size, steps=steps, admm=admm_state,
             masked=masked, autocast=autocast, channels_last=channels_last))
         ref_flops = _step_flops(lambda: ref_step(0)) if ref_step is not None else None
-        matmul_rate, matmul_dtype = _matmul_rate(dev, use_bf16)
+        # the matmul rate of each loop's own precision: ours in bf16 under --bf16 (CUDA), the reference loop in
+        # float32 (TF32) always; on the CPU --bf16 is not used (settings.bf16 false), so one float32 rate serves both
+        matmul = {"train": _matmul_rate(dev, use_bf16)}
+        if baseline:
+            matmul["baseline"] = _matmul_rate(dev, False) if use_bf16 else matmul["train"]
     finally:
         if masked is not None:
             masked.detach()
@@ -465,7 +500,8 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
                 "input_shape": [in_ch, side, side], "attack": attack, "steps": steps, "eps": eps,
                 "step_size": step_size, "phase": phase, "prune_ratio": ratio, "rho": rho, "optimizer": optimizer,
                 "repeats": repeats, "warmup": warmup, "iters": iters, "baseline": baseline, "bf16": use_bf16,
-                "bf16_requested": bool(bf16), "channels_last": channels_last, "compile": compile,
+                "bf16_requested": bool(bf16), **({"bf16_note": bf16_note} if bf16_note else {}),
+                "channels_last": channels_last, "compile": compile,
                 "threads": torch.get_num_threads(), "seed": seed, "eval_batches": eval_batches,
                 "attack_chunks": split_chunks(batch, dev)}
     result = {
@@ -477,12 +513,9 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     timed_steps = repeats * iters
     if dev.type == "cpu" and _minor_faults() is not None:  # host page faults say nothing about CUDA memory
         result["page_faults_per_step"] = faults["ours"] / timed_steps
-    result.update(matmul_tflop_per_s=matmul_rate, matmul_dtype=matmul_dtype)
     if flops:
         result["train_flop_per_step"] = flops
         result["train_tflop_per_s"] = flops * result["train_images_per_s"] / batch / 1e12
-        if matmul_rate:
-            result["train_fraction_of_matmul"] = result["train_tflop_per_s"] / matmul_rate
     if baseline:
         base = statistics.median(ref_runs)
         result.update(baseline_images_per_s=base, baseline_images_per_s_runs=ref_runs,
@@ -493,15 +526,9 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
         if ref_flops:
             result["baseline_flop_per_step"] = ref_flops
             result["baseline_tflop_per_s"] = ref_flops * base / batch / 1e12
-            if matmul_rate:
-                result["baseline_fraction_of_matmul"] = result["baseline_tflop_per_s"] / matmul_rate
     device_name = _device_name(dev)
-    peak = datasheet_peak(device_name, matmul_dtype) if dev.type == "cuda" else None
-    result["device_peak_tflop_per_s"] = peak
-    if peak:
-        for who in ("train", "baseline"):
-            if f"{who}_tflop_per_s" in result:
-                result[f"{who}_fraction_of_peak"] = result[f"{who}_tflop_per_s"] / peak
+    result.update(rate_fractions({who: result.get(f"{who}_tflop_per_s") for who in matmul}, matmul,
+                                 device_name if dev.type == "cuda" else None))
     result.update(_peak_memory(dev, peaks))
     result.update(device=str(dev), device_name=device_name, torch=torch.__version__, settings=settings)
     return result

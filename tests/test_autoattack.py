@@ -277,3 +277,20 @@ def test_eval_cli_bad_options_are_one_line(aa_run, args, message):
 def test_eval_cli_cuda_without_cuda_is_one_line(aa_run):
     r = _robprune("eval", str(aa_run), "--device", "cuda")
     assert r.returncode == 2 and "no CUDA device is available here" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_weights_fingerprint_covers_batchnorm_buffers():
+    """Every state tensor counts, 0-dimensional ones (BatchNorm's num_batches_tracked) too: a ResNet with
+    BatchNorm is fingerprinted, and any change of a weight or a buffer changes the fingerprint."""
+    from robprune.engine.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("resnet18", 1, in_channels=3, image_size=32)
+    a = weights_fingerprint(m)
+    assert len(a) == 64 and a == weights_fingerprint(m)
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] += 1e-3
+    b = weights_fingerprint(m)
+    bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    bn.num_batches_tracked += 1
+    assert len({a, b, weights_fingerprint(m)}) == 3

@@ -719,3 +719,46 @@ def test_run_bench_on_the_cpu_reports_no_datasheet_peak():
     assert r["device_peak_tflop_per_s"] is None
     assert "train_fraction_of_peak" not in r and "baseline_fraction_of_peak" not in r
     assert r["train_fraction_of_matmul"] > 0  # the measured matmul rate is still there to read against
+
+
+def test_rate_fractions_read_each_loop_against_its_own_precision():
+    """With --bf16 on CUDA ours computes in bfloat16 and the reference loop in float32 (TF32): each loop's TFLOP/s
+    is divided by the matmul rate and the datasheet peak of its own dtype. Made-up rates on an H100 SXM5
+    (datasheet: TF32 494.7, bfloat16 989.4)."""
+    from robprune.engine.bench import rate_fractions
+
+    r = rate_fractions({"train": 300.0, "baseline": 100.0}, {"train": (600.0, "bfloat16"), "baseline": (400.0, "tf32")},
+                       "NVIDIA H100 80GB HBM3")
+    assert (r["matmul_tflop_per_s"], r["matmul_dtype"], r["device_peak_tflop_per_s"]) == (600.0, "bfloat16", 989.4)
+    assert (r["baseline_matmul_tflop_per_s"], r["baseline_matmul_dtype"],
+            r["baseline_device_peak_tflop_per_s"]) == (400.0, "tf32", 494.7)
+    assert r["train_fraction_of_matmul"] == pytest.approx(0.5)
+    assert r["train_fraction_of_peak"] == pytest.approx(300.0 / 989.4)
+    assert r["baseline_fraction_of_matmul"] == pytest.approx(0.25)  # not 100 / 600: the bf16 rate
+    assert r["baseline_fraction_of_peak"] == pytest.approx(100.0 / 494.7)  # not 100 / 989.4
+
+    # without --bf16 both loops share one rate and one peak
+    same = (400.0, "tf32")
+    r = rate_fractions({"train": 200.0, "baseline": 100.0}, {"train": same, "baseline": same}, "NVIDIA H100 80GB HBM3")
+    assert r["train_fraction_of_matmul"] == pytest.approx(0.5)
+    assert r["baseline_fraction_of_matmul"] == pytest.approx(0.25)
+    assert r["train_fraction_of_peak"] == pytest.approx(200.0 / 494.7)
+
+    # the CPU: no device name, no peak; a failed matmul (None) or an uncounted loop: no fraction, no error
+    r = rate_fractions({"train": 0.1, "baseline": None}, {"train": (0.2, "float32"), "baseline": (None, "float32")},
+                       None)
+    assert r["device_peak_tflop_per_s"] is None and r["baseline_device_peak_tflop_per_s"] is None
+    assert r["train_fraction_of_matmul"] == pytest.approx(0.5)
+    assert not {"train_fraction_of_peak", "baseline_fraction_of_matmul", "baseline_fraction_of_peak"} & set(r)
+    # no baseline timed: no baseline keys at all
+    alone = rate_fractions({"train": 1.0}, {"train": (2.0, "tf32")}, "NVIDIA A100")
+    assert not any(k.startswith("baseline") for k in alone)
+
+
+def test_run_bench_bf16_on_the_cpu_is_not_used_and_both_loops_share_the_float32_rate():
+    r = run_bench(model="lenet", width=1, batch=4, steps=1, phase="pretrain", device="cpu", repeats=1, warmup=0,
+                  iters=1, baseline=True, eval_batches=0, bf16=True)
+    assert r["settings"]["bf16"] is False and r["settings"]["bf16_requested"] is True
+    assert r["matmul_dtype"] == r["baseline_matmul_dtype"] == "float32"
+    assert r["baseline_matmul_tflop_per_s"] == r["matmul_tflop_per_s"] > 0  # one measurement serves both
+    assert r["baseline_fraction_of_matmul"] == pytest.approx(r["baseline_tflop_per_s"] / r["matmul_tflop_per_s"])

@@ -456,7 +456,9 @@ def bench_cmd(
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps per path first."),
     iters: int = typer.Option(10, "--iters", help="Steps per timed block."),
     baseline: bool = typer.Option(False, "--baseline", help="Also time the reference-style loop, interleaved."),
-    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA only, as in the engine)."),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for ours (CUDA only, as in the engine; on the "
+                                                    "CPU not used: settings.bf16 is false). The reference loop "
+                                                    "stays float32, read against float32's matmul rate and peak."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and data."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
     depth: int = typer.Option(28, "--depth", help="WRN depth."),
