@@ -294,3 +294,28 @@ def test_weights_fingerprint_covers_batchnorm_buffers():
     bn = next(mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm2d))
     bn.num_batches_tracked += 1
     assert len({a, b, weights_fingerprint(m)}) == 3
+
+
+def test_eval_cli_ctrl_c_then_the_same_command_continues(aa_run):
+    """Ctrl-C during `robprune eval --attack autoattack`: one line saying how to continue, exit 130, the state kept;
+    the same command then continues (resumed) and ends with the run's own numbers."""
+    import signal
+    import time
+
+    state = aa_run / "eval" / "autoattack-0.1-n40.state.json"
+    p = subprocess.Popen([sys.executable, "-m", "robprune", "eval", str(aa_run), "--attack", "autoattack", "--n",
+                          "40", "--fresh", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state.exists(), p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "the same command continues where it stopped" in err and "Traceback" not in err
+    assert state.exists()
+    r = _robprune("eval", str(aa_run), "--attack", "autoattack", "--n", "40", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    s = json.loads((aa_run / "summary.json").read_text())
+    assert res["resumed"] is True and res["robust_acc"] == s["final"]["autoattack"]["robust_acc"]
+    assert not state.exists()

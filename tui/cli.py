@@ -320,6 +320,11 @@ def _autoattack_with_progress(model, x, y, rd, **kw) -> dict:
             return evaluation.autoattack(model, x, y, rd, progress=progress, **kw)
         except UserError as exc:
             fail(exc)
+        except KeyboardInterrupt:
+            bar.stop()
+            _say("robprune: interrupted; the same command continues where it stopped (its state is in "
+                 f"{rd.eval_dir})")
+            raise typer.Exit(130) from None
 
 
 def _autoattack_table(res: dict) -> None:
