@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from .attacks import evaluate
-from .attacks.autoattack import VERSIONS, AutoAttack, describe
+from .attacks.autoattack import AutoAttack, describe
+from .config import FINAL_ATTACKS as ATTACKS
 from .errors import UserError
 from .rundir import DIR_MODE, RunDir, atomic_write_text
 
 DEVICES = ("auto", "cpu", "cuda")
-ATTACKS = ("pgd", "autoattack")
 
 
 def pick_device(want: str, *, where: str = "--device") -> torch.device:
@@ -82,8 +82,6 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rd: RunDir, *
                progress: Callable[[str, int, int], None] | None = None, fresh: bool = False) -> dict:
     """AutoAttack ``model`` on ``(x, y)`` with its state in the run directory's ``eval/``; write the result
     there as JSON (state file removed) and return it. ``fresh`` ignores a saved state."""
-    if version not in VERSIONS:
-        raise UserError(f"--version: {version!r}: expected one of {', '.join(VERSIONS)}")
     d = _eval_dir(rd)
     name = autoattack_name(version, eps, len(y))
     state = d / f"{name}.state.json"

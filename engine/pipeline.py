@@ -593,16 +593,10 @@ class Engine:
             if pct // 25 != where["pct"] // 25 or done == total:
                 self.log("info", f"final AutoAttack: {part} {done}/{total}")
             where["pct"] = pct if done < total else -1
-            for cmd in self.control.drain():
-                if isinstance(cmd, Stop):
-                    raise _StopInFinal()
-                self._apply(cmd)
-            while self.paused:
-                cmd = self.control.wait(0.05)
-                if isinstance(cmd, Stop):
-                    raise _StopInFinal()
-                if cmd is not None:
-                    self._apply(cmd)
+            try:
+                self._boundary()  # commands between batches, as between training steps
+            except StopRequested:
+                raise _StopInFinal() from None
 
         self.log("info", f"final AutoAttack ({ec.autoattack_version}, eps {ea.eps:g}) on {len(y)} test examples")
         res = eval_mod.autoattack(self.model, x, y, self.rundir, eps=ea.eps, version=ec.autoattack_version,

@@ -213,3 +213,26 @@ def test_glob_matching_nothing_is_an_error(tmp_path, tiny_profile):
         s.prepare()
     assert 'prune.layers."nothing*"' in str(ei.value)
     assert not (tmp_path / "g").exists()  # nothing half-made is left behind
+
+
+def test_stop_during_the_final_autoattack_then_resume_finishes_it(tmp_path, tiny_profile):
+    """A stop command taken between batches of the final AutoAttack ends the run as stopped without a new
+    checkpoint (the last phase's end stands); resuming finishes the run and reports the attack."""
+    from robprune.engine.events import LogLine
+
+    sets = ["phases.pretrain.epochs=1", "phases.admm.epochs=1", "phases.retrain.epochs=1",
+            'eval.final_attack="autoattack"', "eval.autoattack_n=64", "data.test_batch_size=16"]
+    s = Session.new(tiny_profile, sets, tmp_path / "r")
+    s.prepare()
+    s.subscribe(lambda e: s.control.stop() if isinstance(e, LogLine) and "final AutoAttack: " in e.message
+                and "/" in e.message else None)
+    s.run()
+    assert s.state == "stopped"
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ck["phase"] == "retrain" and ck["epoch"] == 1
+    assert not (tmp_path / "r" / "model.pt").exists()
+    r = Session.resume(tmp_path / "r")
+    r.prepare()
+    r.run()
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final"]["autoattack"]["attack"]["n"] == 64
