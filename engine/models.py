@@ -8,6 +8,7 @@ normalisation of the input.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -57,6 +58,41 @@ def build_model(
     )
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside the block, back in the mode it had after it (an attack must not leave a
+    training model in eval mode, nor the reverse)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def float32_stem(x: torch.Tensor):
+    """A context in which the stem computes in float32: autocast off on ``x``'s device when it is on there (and
+    nothing otherwise). See :class:`StemConv2d`."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+
+
+class StemConv2d(nn.Conv2d):
+    """A network's first convolution, the one the input pixels enter: it computes in float32 even under
+    autocast. Under bf16 autocast a plain Conv2d would round its input to bfloat16 first (8 significant bits:
+    up to 2**-9, half a grey level, on a pixel in [0.5, 1]), so the network would see an adversarial example up
+    to 0.5/255 further from the clean image than the attack's eps (8.5/255 at eps 8/255). The stem is the
+    smallest convolution of the network (3 or 1 input channels), so float32 costs little there; its output is
+    float32 and the next layer autocasts it as usual. Without autocast it is a plain Conv2d (the same
+    parameters and state_dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            with float32_stem(x):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The ``.weight`` of every Conv2d and Linear, keyed by parameter name, in named_parameters order."""
     prunable = {
@@ -79,7 +115,7 @@ class LeNet(nn.Module):
     def __init__(self, width: int, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         super().__init__()
         c1, c2, hidden = 2 * width, 4 * width, 64 * width
-        self.conv1 = nn.Conv2d(in_channels, c1, 5, padding=2)
+        self.conv1 = StemConv2d(in_channels, c1, 5, padding=2)
         self.conv2 = nn.Conv2d(c1, c2, 5, padding=2)
         self.pool = nn.MaxPool2d(2)
         side = image_size // 4
@@ -118,7 +154,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
                 continue
             c_out = max(1, int(item) * width // 16)
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            conv = (StemConv2d if not layers else nn.Conv2d)(c_in, c_out, 3, padding=1, bias=False)
+            layers += [conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -161,7 +198,7 @@ class ResNet(nn.Module):
     def __init__(self, blocks: list[int], width: int, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
         widths = [4 * width, 8 * width, 16 * width, 32 * width]
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.conv1 = StemConv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         c_in = widths[0]
         stages = []
@@ -217,7 +254,7 @@ class WideResNet(nn.Module):
         super().__init__()
         n = (depth - 4) // 6
         widths = [16 * k, 32 * k, 64 * k]
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
+        self.conv1 = StemConv2d(in_channels, 16, 3, padding=1, bias=False)
         c_in = 16
         stages = []
         for i, c_out in enumerate(widths):

@@ -94,14 +94,27 @@ def write_profile(tmp_path: Path, text: str = TINY, name: str = "p.toml") -> Pat
     return p
 
 
+def run_session(directory: Path, overrides=(), *, text: str = TINY, events: list | None = None):
+    """A real run of the ``text`` profile (default TINY) with ``overrides``, to its end: the profile is
+    ``directory/p.toml``, the run directory ``directory/run``; every event is appended to ``events`` when given.
+    Returns (session, summary)."""
+    from robprune.engine.session import Session
+
+    directory.mkdir(parents=True, exist_ok=True)
+    s = Session.new(write_profile(directory, text), list(overrides), directory / "run")
+    if events is not None:
+        s.subscribe(events.append)
+    s.prepare()
+    return s, s.run()
+
+
 ROBUST_EPS = 0.2  # the radius robust_lenet is trained at and the attack tests attack at
 
 
-@pytest.fixture(scope="session")
-def robust_lenet():
-    """LeNet w=2 trained adversarially (PGD-5, eps rising 0 -> 0.2) for 4 epochs on the embedded digits, in eval mode, with
-    200 test digits: a model that resists some attacks and not others, so that attacks of different strength give
-    different robust accuracies (about 9 s on 2 cores; clean 94%, PGD-20 56%, AutoAttack 49.5%)."""
+def trained_digits_lenet(*, epochs: int, lr: float, n_test: int, eps: float | None = None):
+    """LeNet w=2 trained on the embedded digits with Adam (batches of 64, seed 0), in eval mode, and ``n_test`` test
+    digits. ``eps``: adversarial training with PGD-5 at a radius rising 0 -> eps over the first 2 epochs; None:
+    natural training."""
     import torch.nn.functional as F
 
     from robprune.engine import data as data_mod
@@ -111,16 +124,25 @@ def robust_lenet():
     torch.manual_seed(0)
     ds = data_mod.load_dataset("mnist-5k", "data", False, torch.device("cpu"))
     model = build_model("lenet", 2)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     loader = data_mod.BatchLoader(ds.train_x, ds.train_y, 64, shuffle=True, seed=0)
-    for epoch in range(4):
-        eps = ROBUST_EPS * min(1.0, epoch / 2)
+    for epoch in range(epochs):
+        radius = None if eps is None else eps * min(1.0, epoch / 2)
         for x, y in loader.batches(epoch):
-            xa = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=5)
-            model.train()
+            if radius is not None:
+                x = pgd(model, x, y, eps=radius, step_size=radius / 4, steps=5)
+                model.train()
             opt.zero_grad()
-            F.cross_entropy(model(xa), y).backward()
+            F.cross_entropy(model(x), y).backward()
             opt.step()
     model.eval()
-    x, y = data_mod.eval_subset(ds.test_x, ds.test_y, 200)
+    x, y = data_mod.eval_subset(ds.test_x, ds.test_y, n_test)
     return model, data_mod.to_float(x), y
+
+
+@pytest.fixture(scope="session")
+def robust_lenet():
+    """LeNet w=2 trained adversarially (PGD-5, eps rising 0 -> 0.2) for 4 epochs on the embedded digits, in eval mode, with
+    200 test digits: a model that resists some attacks and not others, so that attacks of different strength give
+    different robust accuracies (about 9 s on 2 cores; clean 94%, PGD-20 56%, AutoAttack 49.5%)."""
+    return trained_digits_lenet(epochs=4, lr=2e-3, n_test=200, eps=ROBUST_EPS)

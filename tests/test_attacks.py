@@ -7,27 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from robprune.engine.attacks import fastpath
-from robprune.engine import data as data_mod
 from robprune.engine.attacks import attack, evaluate, fgsm_rs, pgd
 from robprune.engine.models import build_model
+from tests.conftest import trained_digits_lenet
 
 
 @pytest.fixture(scope="module")
 def trained_lenet():
     """LeNet w=2 trained naturally for 2 epochs on the embedded digits (a few seconds on the CPU)."""
-    torch.manual_seed(0)
-    ds = data_mod.load_dataset("mnist-5k", "data", False, torch.device("cpu"))
-    model = build_model("lenet", 2)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loader = data_mod.BatchLoader(ds.train_x, ds.train_y, 64, shuffle=True, seed=0)
-    for epoch in range(2):
-        for x, y in loader.batches(epoch):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-    model.eval()
-    x, y = data_mod.eval_subset(ds.test_x, ds.test_y, 300)
-    return model, data_mod.to_float(x), y
+    return trained_digits_lenet(epochs=2, lr=3e-3, n_test=300)
 
 
 def test_pgd_stays_in_eps_ball_and_unit_range(trained_lenet):

@@ -142,3 +142,52 @@ def test_bad_wrn_depth(depth):
 def test_bad_width(width):
     with pytest.raises(ConfigError, match="model.width"):
         build_model("lenet", width)
+
+
+@pytest.mark.parametrize("arch,width,extra", SMALL[1:])
+def test_stem_computes_in_float32_under_bf16_autocast(arch, width, extra):
+    """The first convolution sees the input unrounded under autocast (a bf16 stem rounds pixels by up to
+    2**-9); the layers after it still autocast. CPU autocast stands in for CUDA's: the same mechanism."""
+    from robprune.engine.attacks.fastpath import _AttackConv, _AttackConvPool, attack_model
+    from robprune.engine.models import StemConv2d
+
+    torch.manual_seed(0)
+    model = build_model(arch, width, in_channels=3, image_size=32, **extra).eval()
+    stems = [m for m in model.modules() if type(m) is StemConv2d]
+    assert len(stems) == 1
+    stem = stems[0]
+    assert next(m for m in model.modules() if isinstance(m, nn.Conv2d)) is stem  # the first convolution
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        exact = nn.functional.conv2d(x, stem.weight, stem.bias, stem.stride, stem.padding)
+        rounded = nn.functional.conv2d(x.bfloat16().float(), stem.weight.bfloat16().float(), None if stem.bias is None
+                                       else stem.bias.bfloat16().float(), stem.stride, stem.padding)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = stem(x)
+            plain = nn.Conv2d.forward(stem, x)
+            logits = model(x)
+    assert out.dtype == torch.float32 and torch.equal(out, exact)
+    assert plain.dtype == torch.bfloat16 and (plain.float() - exact).abs().max() > 1e-3  # what it avoids
+    assert (rounded - exact).abs().max() > 0
+    assert logits.dtype == torch.bfloat16  # the rest of the network still autocasts
+    # the attacks' rewrite of the model keeps the stem float32 too, and still folds / rearranges it
+    net = attack_model(model)
+    assert net is not model
+    fast = [m for m in net.modules() if isinstance(m, _AttackConv)]
+    assert fast[0].stem and not any(m.stem for m in fast[1:])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = next(m for m in net.modules() if isinstance(m, (_AttackConv, _AttackConvPool)))
+        y = first(x)
+    assert y.dtype == torch.float32
+
+
+def test_stem_keeps_state_dict_keys_and_plain_conv_results():
+    from robprune.engine.models import StemConv2d
+
+    torch.manual_seed(0)
+    model = build_model("lenet", 1)
+    assert type(model.conv1) is StemConv2d and "conv1.weight" in model.state_dict()
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model.conv1(x), nn.Conv2d.forward(model.conv1, x))  # no autocast: a plain Conv2d
+    x64 = x.double()
+    assert model.double().conv1(x64).dtype == torch.float64  # no cast without autocast

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..config import ATTACK_KINDS as KINDS
 from .apgd import apgd, apgd_targeted, dlr_loss
 from .fab import fab_targeted
+from ..models import eval_mode
 from .fastpath import attack_model, channels_last_strides, split_chunks
 from .fgsm import fgsm_rs
 from .pgd import cw_loss, pgd
@@ -58,12 +59,10 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, s
     read once at the end. ``seed``: PGD's random starts come from a CPU generator seeded with it, so a CPU and a
     GPU evaluation of the same weights start from the same points (None: the device's generator)."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    was_training = model.training
-    model.eval()
-    dev = x.device
-    nat = torch.zeros((), dtype=torch.long, device=dev)
-    adv = torch.zeros((), dtype=torch.long, device=dev)
-    try:
+    with eval_mode(model):
+        dev = x.device
+        nat = torch.zeros((), dtype=torch.long, device=dev)
+        adv = torch.zeros((), dtype=torch.long, device=dev)
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size]
             xb = to_float(xb) if to_float is not None else xb
@@ -72,7 +71,5 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, s
             xa = attack(model, xb, yb, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
                         loss=loss, generator=generator)
             adv += _count_correct(attack_model(model), xa, yb)
-    finally:
-        model.train(was_training)
     n = max(len(x), 1)
     return nat.item() / n, adv.item() / n

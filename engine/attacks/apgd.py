@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import eval_mode
 from .fastpath import _split_run, attack_model
 
 LOSSES = ("ce", "dlr")
@@ -126,9 +127,7 @@ def _run(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, rest
     """APGD with ``loss``, untargeted (``n_targets`` 0) or for each of ``n_targets`` target classes (the 2nd,
     3rd, ... largest clean logit), ``restarts`` runs each, on the examples not fooled yet; the points each
     example ends with (see the module docstring)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         net = attack_model(model)
         with torch.no_grad():
             logits = net(x)
@@ -153,8 +152,6 @@ def _run(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int, rest
                 best[left] = torch.where(keep, value, best[left])
                 fooled[left] = wrong
         return adv
-    finally:
-        model.train(was_training)
 
 
 def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: int = 100, restarts: int = 1,

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import AUTOATTACK_VERSIONS as VERSIONS  # noqa: E402
+from ..models import eval_mode  # noqa: E402
 STEPS = 100
 TARGET_CLASSES = 9
 QUERIES = 5000
@@ -158,12 +159,8 @@ class AutoAttack:
     # -------------------------------------------------------------- the evaluation
     def run(self, x: Tensor, y: Tensor) -> dict:
         """Clean accuracy, robust accuracy after each attack and in the end, the time of each attack."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             return self._run(x, y)
-        finally:
-            self.model.train(was_training)
 
     def _run(self, x: Tensor, y: Tensor) -> dict:
         n = len(y)

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from ..models import eval_mode
 from .fastpath import _split_run, attack_model
 from .pgd import _project
 
@@ -112,9 +113,7 @@ def fab_targeted(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: i
     is returned for it, ``x`` itself for the others (and for the misclassified ones, which are not attacked).
     Random numbers come from ``generator`` (CPU; None: torch's default CPU generator). With
     ``restarts=1`` (AutoAttack's standard version) nothing random is drawn."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         net = attack_model(model)
         with torch.no_grad():
             logits = model(x)
@@ -137,5 +136,3 @@ def fab_targeted(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, steps: i
                 out[idx[fooled]] = adv_p[fooled]
                 robust[idx[fooled]] = False
         return out
-    finally:
-        model.train(was_training)

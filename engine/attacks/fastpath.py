@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models import PerModel
+from ..models import PerModel, StemConv2d, float32_stem
 
 FAST_ATTACK = True  # differentiate the folded eval-mode rewrite of the model (see attack_model)
 # conv + 2x2 max-pool pairs with at most this many input channels run space-to-depth on the CPU: it pays with
@@ -66,6 +66,7 @@ class _AttackConv(nn.Module):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
         super().__init__()
         self.pair = (conv, bn)
+        self.stem = type(conv) is StemConv2d  # float32 under autocast, as the model's own stem
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.channels_last = False
@@ -92,6 +93,12 @@ class _AttackConv(nn.Module):
         self.weight, self.bias = w, b
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.stem and torch.is_autocast_enabled(x.device.type):
+            with float32_stem(x):
+                return self._forward(x.float())
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
             return self.pair[0]._conv_forward(x, self.weight, self.bias).contiguous(memory_format=torch.channels_last)
@@ -192,7 +199,11 @@ class _AttackConvPool(nn.Module):
     def forward_unshuffled(self, xs: Tensor) -> Tensor:
         """The layer's output for an input already rearranged by :meth:`unshuffle`."""
         n, _, h2, w2 = xs.shape
-        y = F.conv2d(xs, self.weight, self.bias, padding=self.r)
+        if self.conv.stem and torch.is_autocast_enabled(xs.device.type):
+            with float32_stem(xs):
+                y = F.conv2d(xs.float(), self.weight, self.bias, padding=self.r)
+        else:
+            y = F.conv2d(xs, self.weight, self.bias, padding=self.r)
         o = self.out_channels
         # (N, O, H/2 * W/2, 4): the four positions of each window side by side, channels_last strides
         y = y.permute(0, 2, 3, 1).reshape(n, h2 * w2, 4, o).permute(0, 3, 1, 2)
@@ -279,8 +290,12 @@ def _build_attack_graph(model: nn.Module):
 
     if any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "parametrizations") for m in model.modules()):
         return None  # tracing would drop them
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:  # the stem is a Conv2d to the rewrite
+            return type(m) is StemConv2d or super().is_leaf_module(m, qualname)
+
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception:  # noqa: BLE001 - any model fx cannot trace is attacked as it is
         return None
     graph = gm.graph
@@ -289,7 +304,7 @@ def _build_attack_graph(model: nn.Module):
     for node in list(graph.nodes):
         # Conv2d [-> eval-mode BatchNorm2d]: one _AttackConv
         conv = mods.get(node.target) if node.op == "call_module" else None
-        if type(conv) is nn.Conv2d and len(node.args) == 1 and not node.kwargs:
+        if type(conv) in (nn.Conv2d, StemConv2d) and len(node.args) == 1 and not node.kwargs:
             user = next(iter(node.users)) if len(node.users) == 1 else None
             bn = mods.get(user.target) if user is not None and user.op == "call_module" else None
             if not (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..models import eval_mode
 from .fastpath import _split_run, attack_model
 from .pgd import _input_grad, _project, _random_start
 
@@ -19,13 +20,9 @@ def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: fl
     """FGSM with a random start (Wong et al., 2020, "fast adversarial training"): one signed step of
     ``step_size`` (typically 1.25 eps) from a uniform random point of the eps-ball (from ``generator`` when
     given, see :func:`.pgd._random_start`), then projection."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         start = _random_start(x, eps, generator)
         run = lambda m, *b: _fgsm_chunk(m, *b, eps=eps, step_size=step_size)  # noqa: E731
         return _split_run(run, attack_model(model), model, x, y, start)
-    finally:
-        model.train(was_training)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models import eval_mode
 from .fastpath import _split_run, attack_model
 
 LOSSES = ("ce", "cw")
@@ -89,14 +90,10 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float,
     :func:`_split_run`), from ``generator`` when given (see :func:`_random_start`)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown PGD loss {loss!r}; expected one of {', '.join(LOSSES)}")
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         net = attack_model(model)
         starts = [_random_start(x, eps, generator) if random_start else x for _ in range(max(restarts, 1))]
         run = lambda m, *b: _pgd_chunk(m, *b, step_size=step_size, steps=steps, loss=loss)  # noqa: E731
         return _split_run(run, net, model, x, y, x - eps, x + eps, *starts)
-    finally:
-        model.train(was_training)
 
 

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..models import eval_mode
 from .fastpath import _split_run, attack_model
 
 BLOCK = 100  # iterations per draw of uniforms and per run of the chunks side by side
@@ -114,9 +115,7 @@ def square(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, queries: int =
     passes per example: one on ``x``, then at most ``1 + queries`` per run, none after it is fooled (a model
     never fooled: exactly ``1 + restarts * (1 + queries)``). ``generator``: a CPU torch.Generator (None: torch's
     default one); the random numbers are drawn on the CPU and moved to ``x``'s device."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         net = attack_model(model)
         x = x.detach()
         x_adv = x.clone()
@@ -132,5 +131,3 @@ def square(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, queries: int =
             x_adv[todo[take]] = xr[take]
             best[todo[take]] = mr[take]
         return x_adv
-    finally:
-        model.train(was_training)
