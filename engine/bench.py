@@ -399,7 +399,7 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
                 p.copy_(projected)
         masked = MaskedParams(params, masks).attach()
     opt = make_optimizer(pc, net.parameters(), dev)
-    train_fn = torch.compile(net) if compile else net
+    train_fn = torch.compile(net, dynamic=False) if compile else net  # static shapes, as the engine
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else None
 
     def ours_step(i: int):
@@ -532,3 +532,75 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     result.update(_peak_memory(dev, peaks))
     result.update(device=str(dev), device_name=device_name, torch=torch.__version__, settings=settings)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ 2:4 semi-structured
+
+SEMI_DTYPES = ("float16", "bfloat16")
+
+
+def run_semi_structured_bench(*, device: str = "auto", batch: int = 4096, hidden: int = 4096, layers: int = 4,
+                              dtype: str = "float16", repeats: int = 5, warmup: int = 3, iters: int = 10,
+                              threads: int = 0, seed: int = 0) -> dict:
+    """Inference of a linear-heavy model -- ``layers`` x (Linear(hidden, hidden) + ReLU), then Linear(hidden, 10) --
+    whose hidden weights are pruned 2:4 (:func:`robprune.engine.pruning.project`), dense against the same weights
+    converted with ``torch.sparse.to_sparse_semi_structured`` (:func:`robprune.engine.export.to_semi_structured`):
+    blocks of ``iters`` forward passes on one random batch, dense and sparse alternating, medians in ms per batch
+    and their ratio ``speedup`` (dense / sparse). The outputs of the two are compared (``max_abs_diff``).
+
+    Where the kernels cannot run (the CPU, a GPU older than compute capability 8.0) nothing is timed: the result
+    says ``"supported": false`` and why (``reason``)."""
+    from torch import nn
+
+    from .export import semi_structured_support, to_semi_structured
+
+    for name, v, lo in (("batch", batch, 1), ("hidden", hidden, 64), ("layers", layers, 1), ("repeats", repeats, 1),
+                        ("warmup", warmup, 0), ("iters", iters, 1), ("threads", threads, 0)):
+        if v < lo:
+            raise ValueError(f"{name} must be >= {lo}, got {v}")
+    if hidden % 64:
+        raise ValueError(f"hidden must be a multiple of 64 (the sparse kernels' tile), got {hidden}")
+    if dtype not in SEMI_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(SEMI_DTYPES)}, got {dtype!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = _device(device)
+    settings = {"batch": batch, "hidden": hidden, "layers": layers, "dtype": dtype, "scheme": "2:4",
+                "repeats": repeats, "warmup": warmup, "iters": iters, "seed": seed}
+    result = {"bench": "semi_structured", "device": str(dev), "device_name": _device_name(dev),
+              "torch": torch.__version__, "settings": settings}
+    ok, why = semi_structured_support(dev)
+    if not ok:
+        return {**result, "supported": False, "reason": why}
+    dt = getattr(torch, dtype)
+    torch.manual_seed(seed)
+    mods = [m for _ in range(layers) for m in (nn.Linear(hidden, hidden), nn.ReLU())] + [nn.Linear(hidden, 10)]
+    net = nn.Sequential(*mods)
+    names = [f"{2 * i}.weight" for i in range(layers)]
+    with torch.no_grad():
+        for i in range(layers):
+            w = net[2 * i].weight
+            w.copy_(project(w, "2:4", 0.5)[0])
+    dense = net.to(device=dev, dtype=dt).eval()
+    sparse, report = to_semi_structured(dense, names, dtype=dt, device=dev)
+    x = torch.rand(batch, hidden, generator=torch.Generator().manual_seed(seed)).to(device=dev, dtype=dt)
+    models = {"dense": dense, "sparse": sparse}
+    runs: dict[str, list[float]] = {"dense": [], "sparse": []}
+    with torch.inference_mode():
+        diff = float((dense(x).float() - sparse(x).float()).abs().max())
+        for mod in models.values():
+            for _ in range(warmup):
+                mod(x)
+        for r in range(repeats):
+            for name in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+                _sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    models[name](x)
+                _sync(dev)
+                runs[name].append(1000 * (time.perf_counter() - t0) / iters)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {**result, "supported": True, "dense_ms_per_batch": med["dense"], "sparse_ms_per_batch": med["sparse"],
+            "speedup": med["dense"] / med["sparse"] if med["sparse"] > 0 else None,
+            "dense_ms_per_batch_runs": runs["dense"], "sparse_ms_per_batch_runs": runs["sparse"],
+            "max_abs_diff": diff, "converted": report["converted"], "skipped": report["skipped"]}

@@ -33,7 +33,8 @@ EVAL_ATTACK_KINDS = ("pgd", "fgsm-rs")
 ATTACK_LOSSES = ("ce", "cw")  # PGD's loss: cross-entropy, Carlini-Wagner margin
 FINAL_ATTACKS = ("pgd", "autoattack")
 AUTOATTACK_VERSIONS = ("standard", "rand")
-SCHEMES = ("irregular", "filter", "column")
+SCHEMES = ("irregular", "filter", "column")  # the named schemes; prune.scheme also takes "N:M" (e.g. "2:4")
+ALLOCATIONS = ("uniform", "global", "erk")
 SCHEDULES = ("constant", "cosine", "step", "admm")
 
 
@@ -97,6 +98,10 @@ class PruneConfig:
     linear_scheme: str = "irregular"
     ratio: float = 0.9
     layers: dict[str, float] = field(default_factory=dict)  # pattern -> ratio, in file order
+    # how prune.ratio becomes per-layer ratios: "uniform" (each layer at prune.ratio), "global" (one magnitude
+    # ranking over all layers, made when the ADMM phase starts) or "erk" (Erdos-Renyi-Kernel densities)
+    allocation: str = "uniform"
+    global_normalize: bool = False  # global: rank |w| / RMS of its layer instead of |w|
 
 
 @dataclass
@@ -118,6 +123,18 @@ class PhaseConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     eps_warmup: int = 0  # epochs over which the training attack's eps (and step) ramp up linearly from 0
+    # this phase's training attack, where it differs from attack.train ("" / 0: attack.train's): e.g. single-step
+    # training while the model is dense, PGD for the final retraining
+    attack_kind: str = ""
+    attack_steps: int = 0
+    attack_step_size: float = 0.0
+
+
+def phase_attack(train: AttackSpec, pc: PhaseConfig) -> AttackSpec:
+    """The training attack of a phase: ``attack.train`` with the phase's ``attack_kind`` / ``attack_steps`` /
+    ``attack_step_size`` where they are set."""
+    return dataclasses.replace(train, kind=pc.attack_kind or train.kind, steps=pc.attack_steps or train.steps,
+                               step_size=pc.attack_step_size or train.step_size)
 
 
 @dataclass
@@ -137,6 +154,9 @@ class EvalConfig:
     final_attack: str = "pgd"
     autoattack_n: int = 1000
     autoattack_version: str = "standard"
+    # single-step training (attack.train.kind = "fgsm-rs"): after every epoch, PGD and the training attack on the
+    # first overfit_check test examples, to detect catastrophic overfitting (engine/overfit.py); 0: off
+    overfit_check: int = 256
 
 
 @dataclass
@@ -180,7 +200,7 @@ class Config:
 class _Rule:
     """How one leaf value is checked: its type, bounds and allowed choices."""
 
-    kind: str  # "int" | "float" | "bool" | "name" | "path" | "choice" | "int_list"
+    kind: str  # "int" | "float" | "bool" | "name" | "path" | "choice" | "int_list" | "scheme"
     lo: float | None = None
     lo_open: bool = False  # True: value must be > lo
     hi: float | None = None
@@ -250,9 +270,11 @@ _RULES: dict[str, _Rule] = {
     "model.arch": _choice("lenet", "vgg16", "resnet18", "wrn"),
     "model.width": _int(1, 1024),
     "model.depth": _int(1, 1000),
-    "prune.scheme": _choice(*SCHEMES),
-    "prune.linear_scheme": _choice(*SCHEMES),
+    "prune.scheme": _Rule("scheme", choices=SCHEMES),
+    "prune.linear_scheme": _Rule("scheme", choices=SCHEMES),
     "prune.ratio": _RATIO,
+    "prune.allocation": _choice(*ALLOCATIONS),
+    "prune.global_normalize": _BOOL,
     "admm.rho": _float(1e-8, hi=1e6),
     "admm.rho_multiplier": _float(1, hi=100),
     "admm.update_every": _int(1, _MANY),
@@ -262,6 +284,7 @@ _RULES: dict[str, _Rule] = {
     "eval.final_attack": _choice(*FINAL_ATTACKS),
     "eval.autoattack_n": _int(1, _BIG),
     "eval.autoattack_version": _choice(*AUTOATTACK_VERSIONS),
+    "eval.overfit_check": _int(0, _BIG),
 }
 for _which, _kinds in (("train", ATTACK_KINDS), ("eval", EVAL_ATTACK_KINDS)):
     _RULES.update({
@@ -284,6 +307,9 @@ for _phase in PHASES:
         f"phases.{_phase}.milestones": _Rule("int_list", lo=0),
         f"phases.{_phase}.gamma": _float(0, lo_open=True, hi=1),
         f"phases.{_phase}.eps_warmup": _int(0, _MANY),
+        f"phases.{_phase}.attack_kind": _choice("", *ATTACK_KINDS),
+        f"phases.{_phase}.attack_steps": _int(0, 10_000),
+        f"phases.{_phase}.attack_step_size": _float(0, hi=1, split_hi=_UNIT),
     })
 
 
@@ -372,6 +398,13 @@ def _check(rule: _Rule, value: Any, key: str, src: str) -> Any:
             hint = _did_you_mean(value, rule.choices) if isinstance(value, str) else ""
             raise ConfigError(src, key, expected, _found(value), hint=hint)
         return value
+    if rule.kind == "scheme":  # a named scheme, or "N:M" (integers 0 < N < M)
+        from robprune.engine.pruning import NM_EXPECTED, is_scheme
+
+        if not isinstance(value, str) or not is_scheme(value):
+            hint = _did_you_mean(value, rule.choices) if isinstance(value, str) else ""
+            raise ConfigError(src, key, NM_EXPECTED, _found(value), hint=hint)
+        return value
     if rule.kind == "int_list":
         expected = f"a list of increasing integers{rule.range_text()}"
         if not isinstance(value, list):
@@ -450,6 +483,16 @@ def _cross_checks(cfg: Config, origins: _Origins) -> None:
         raise ConfigError(origins.of("model.depth"), "model.depth",
                           "an integer >= 10 with (depth - 4) % 6 == 0 for wrn", m.depth,
                           hint="e.g. 16, 22, 28, 34, 40")
+    pr = cfg.prune
+    if pr.allocation != "uniform" and (pr.scheme != "irregular" or pr.linear_scheme != "irregular"):
+        key, scheme = (("prune.scheme", pr.scheme) if pr.scheme != "irregular"
+                       else ("prune.linear_scheme", pr.linear_scheme))
+        raise ConfigError(origins.of("prune.allocation"), "prune.allocation",
+                          f"'uniform' with {key} = {scheme!r} (global and erk rank single weights: they need "
+                          "prune.scheme and prune.linear_scheme = 'irregular')", pr.allocation)
+    if pr.global_normalize and pr.allocation != "global":
+        raise ConfigError(origins.of("prune.global_normalize"), "prune.global_normalize",
+                          f"false with prune.allocation = {pr.allocation!r} (it applies to 'global' only)", True)
 
 
 def _from_dict(d: dict, source: str, overridden: set[str]) -> Config:

@@ -77,6 +77,21 @@ class AutoAttackResult(MetricEvent):
 
 
 @dataclass
+class OverfitCheck(MetricEvent):
+    """After an epoch of single-step training: accuracy under APGD-CE (``apgd_steps`` steps at attack.eval's eps)
+    and under the training attack on ``n`` held-out test examples; ``detected``: the rule that says catastrophic
+    overfitting ("gap", "drop"), or None (engine/overfit.py)."""
+
+    type: ClassVar[str] = "overfit_check"
+    n: int
+    apgd_acc: float
+    apgd_steps: int
+    train_attack_acc: float
+    train_attack: str
+    detected: str | None = None
+
+
+@dataclass
 class LayerStats(MetricEvent):
     """Per-layer sparsity and ADMM state: one dict per prunable layer."""
 
@@ -101,6 +116,24 @@ class PhaseChange(Event):
     epochs: int
     step: int
     skipped: bool = False
+
+
+@dataclass
+class PruneAllocation(Event):
+    """The per-layer pruning ratios of the run, fixed when the ADMM phase starts (or at the hard prune when it has
+    no epochs): ``method`` (prune.allocation), the overall ``ratio`` (prune.ratio), ``prunable`` / ``pruned`` entry
+    counts over all prunable layers, and per layer ``ratio``, ``numel``, ``pruned``, ``scheme`` and ``set_by``
+    (see :meth:`robprune.engine.pruning.PrunePlan.record`). Once per run: a resumed run keeps the checkpoint's."""
+
+    type: ClassVar[str] = "allocation"
+    method: str
+    ratio: float
+    normalize: bool | None
+    prunable: int
+    pruned: int
+    layers: dict
+    step: int
+    phase: str
 
 
 @dataclass

@@ -11,6 +11,12 @@ and with ``--compact`` (filter or column pruning only) ``model_compact.safetenso
 dense model without the channels pruning made useless, whose logits equal the masked model's. See
 :func:`compact_model` for which channels go and why others stay.
 
+With ``--semi-structured`` (a run whose linear layers were pruned 2:4, on a CUDA GPU of compute capability 8.0 or
+newer) the 2:4 linear weights are converted with ``torch.sparse.to_sparse_semi_structured`` and the converted model's
+logits checked against the dense masked model's; the model card's ``semi_structured`` says which layers converted
+(and why others did not). No file holds the converted tensors (they are a GPU-only tensor subclass):
+:func:`to_semi_structured` converts a loaded model the same way. Elsewhere the option is refused in one line.
+
 Every file is written atomically (temp file in the run directory, fsync, rename).
 """
 from __future__ import annotations
@@ -159,10 +165,119 @@ def check_compactable(rm: RunModel) -> None:
     schemes = {str(info.get("scheme")) for info in rm.layers.values() if float(info.get("target", 0)) > 0}
     if not schemes & {"filter", "column"}:
         cfg = rm.cfg
-        raise UserError(f"{rm.rd.path}: cannot be compacted: it was pruned irregularly (prune.scheme = "
+        how = " and ".join([w for w, on in (("N:M", any(":" in s for s in schemes)),
+                                            ("irregularly", "irregular" in schemes or not schemes)) if on])
+        raise UserError(f"{rm.rd.path}: cannot be compacted: it was pruned {how} (prune.scheme = "
                         f"{cfg.prune.scheme}, prune.linear_scheme = {cfg.prune.linear_scheme}): its zeros are "
                         "scattered single weights, no filter or channel is entirely zero by design; --compact needs "
                         "prune.scheme = filter or column")
+
+
+# ------------------------------------------------------------------------------------------------ 2:4 semi-structured
+
+SEMI_STRUCTURED_SCHEME = "2:4"
+SEMI_STRUCTURED_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere (A100, RTX 30xx) and newer
+
+
+def semi_structured_support(device: torch.device | None = None, capability: tuple[int, int] | None = None
+                            ) -> tuple[bool, str]:
+    """Whether torch's 2:4 semi-structured sparse kernels run here, and in one line why not: they need a CUDA GPU of
+    compute capability 8.0 or newer and a torch with ``torch.sparse.to_sparse_semi_structured``."""
+    if not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return False, f"torch {torch.__version__} has no torch.sparse.to_sparse_semi_structured (torch >= 2.1 has)"
+    if capability is None:
+        if device is not None and device.type != "cuda" or not torch.cuda.is_available():
+            where = f"the device is {device}" if device is not None and device.type != "cuda" else "no CUDA device here"
+            return False, (f"2:4 semi-structured sparse kernels run on NVIDIA GPUs of compute capability 8.0 or newer "
+                           f"only ({where})")
+        capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) < SEMI_STRUCTURED_CAPABILITY:
+        return False, (f"2:4 semi-structured sparse kernels need compute capability 8.0 or newer (A100, RTX 30xx, "
+                       f"H100 ...); this GPU has {capability[0]}.{capability[1]}")
+    return True, ""
+
+
+def semi_structured_layers(model: nn.Module, layers: dict[str, dict]) -> list[str]:
+    """The weights of ``model``'s Linear layers that ``layers`` (the checkpoint's per-layer scheme and target) says
+    were pruned 2:4, in model order."""
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return [k for k, info in layers.items() if k in linear and info.get("scheme") == SEMI_STRUCTURED_SCHEME
+            and float(info.get("target", 0)) > 0]
+
+
+def check_semi_structured(rm: RunModel, device: torch.device | None = None) -> None:
+    """Refuse ``--semi-structured`` in one line: for a run without 2:4 linear layers, or where the kernels cannot
+    run (no CUDA GPU of compute capability 8.0 or newer)."""
+    if not semi_structured_layers(rm.model, rm.layers):
+        cfg = rm.cfg
+        raise UserError(f"{rm.rd.path}: cannot be converted to 2:4 semi-structured sparse: no linear layer was pruned "
+                        f"2:4 (prune.scheme = {cfg.prune.scheme}, prune.linear_scheme = {cfg.prune.linear_scheme}); "
+                        "--semi-structured needs prune.linear_scheme = \"2:4\"")
+    ok, why = semi_structured_support(device)
+    if not ok:
+        raise UserError(f"{rm.rd.path}: cannot convert to 2:4 semi-structured sparse here: {why}")
+
+
+def to_semi_structured(model: nn.Module, names: list[str], *, dtype: torch.dtype = torch.float16,
+                       device: torch.device | str = "cuda") -> tuple[nn.Module, dict]:
+    """A copy of ``model`` on ``device`` in ``dtype``, eval mode, whose Linear weights ``names`` are converted with
+    ``torch.sparse.to_sparse_semi_structured``. A weight that is not 2:4 along its rows, or whose shape or dtype the
+    kernels do not take, stays dense and is named in the report with the reason. Returns (model, report)."""
+    ok, why = semi_structured_support(torch.device(device))
+    if not ok:
+        raise UserError(f"cannot convert to 2:4 semi-structured sparse here: {why}")
+    from torch.sparse import to_sparse_semi_structured
+
+    out = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    converted, skipped = [], {}
+    for name in names:
+        mod = out.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
+        if not isinstance(mod, nn.Linear):
+            skipped[name] = "not the weight of a Linear layer"
+            continue
+        w = mod.weight.detach()
+        if w.shape[1] % 4 or bool(((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) > 2).any()):
+            skipped[name] = "not 2:4 along its rows (more than 2 nonzeros in a group of 4)"
+            continue
+        try:
+            mod.weight = nn.Parameter(to_sparse_semi_structured(w.contiguous()), requires_grad=False)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
+        converted.append(name)
+    return out, {"dtype": str(dtype).removeprefix("torch."), "device": str(device), "converted": converted,
+                 "skipped": skipped}
+
+
+def semi_structured_report(rm: RunModel, n: int = 64) -> dict:
+    """Convert the run's 2:4 linear weights (float16, on the GPU) and compare the logits with the dense masked model's
+    in float16 on ``n`` random [0, 1] inputs."""
+    names = semi_structured_layers(rm.model, rm.layers)
+    sparse, report = to_semi_structured(rm.model, names)
+    dense = copy.deepcopy(rm.model).to(device="cuda", dtype=torch.float16).eval()
+    shape = (n, rm.spec.in_channels, rm.spec.image_size, rm.spec.image_size)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device="cuda", dtype=torch.float16)
+    with torch.inference_mode():
+        a, b = dense(x).float(), sparse(x).float()
+    diff = float((a - b).abs().max())
+    report["check"] = {"inputs": n, "max_abs_diff_float16": diff,
+                       "same_predictions": float((a.argmax(1) == b.argmax(1)).float().mean())}
+    report["note"] = ("convert after loading: robprune.engine.export.to_semi_structured(model, names) or "
+                      "torch.sparse.to_sparse_semi_structured on each converted weight (float16, CUDA)")
+    return report
+
+
+def semi_structured_lines(report: dict) -> list[str]:
+    out = [f"semi-structured: {len(report['converted'])} linear weight(s) converted to 2:4 sparse "
+           f"({report['dtype']}, {report['device']})" + (f": {', '.join(report['converted'])}" if report['converted']
+                                                         else "")]
+    out += [f"  {k} stays dense: {why}" for k, why in report["skipped"].items()]
+    c = report.get("check")
+    if c:
+        out.append(f"semi-structured: max |logit difference| {c['max_abs_diff_float16']:.3g} against the dense "
+                   f"model in float16 on {c['inputs']} random inputs; same prediction for "
+                   f"{100 * c['same_predictions']:.1f}%")
+    return out
 
 
 def _refuse_links(rd: RunDir) -> None:
@@ -171,25 +286,27 @@ def _refuse_links(rd: RunDir) -> None:
             raise UserError(f"{rd.path / name}: is a symlink; robprune never writes through one: remove it")
 
 
-def export_all(run_dir: str | Path, skipped: list[str] | None = None, *, compact: bool = False
-               ) -> tuple[list[Path], dict]:
+def export_all(run_dir: str | Path, skipped: list[str] | None = None, *, compact: bool = False,
+               semi_structured: bool = False) -> tuple[list[Path], dict]:
     """``robprune export``: the summary files (:func:`robprune.engine.summary.export_run`), then the model files
-    (:func:`export_model`). Returns (every path written, the model card). A run that cannot be compacted is refused
-    before anything is written."""
+    (:func:`export_model`). Returns (every path written, the model card). A run that cannot be compacted (or
+    converted to 2:4 semi-structured sparse, here) is refused before anything is written."""
     from .summary import export_run
 
     rm = load_run_model(run_dir)
     if compact:
         check_compactable(rm)
+    if semi_structured:
+        check_semi_structured(rm)
     _refuse_links(rm.rd)
     paths = export_run(run_dir, skipped)
     summary = json.loads((rm.rd.path / "summary.json").read_text(encoding="utf-8"))
-    more, card = export_model(rm, summary, compact=compact)
+    more, card = export_model(rm, summary, compact=compact, semi_structured=semi_structured)
     return paths + more, card
 
 
-def export_model(run: RunModel | str | Path, summary: dict | None = None, *, compact: bool = False
-                 ) -> tuple[list[Path], dict]:
+def export_model(run: RunModel | str | Path, summary: dict | None = None, *, compact: bool = False,
+                 semi_structured: bool = False) -> tuple[list[Path], dict]:
     """Write model.safetensors, masks.safetensors, model.pt2 (and with ``compact`` the compact model's files), then
     model_card.json. ``summary`` is the run's summary dict (summary.json's content; read from there when not
     given): the card's sparsity and accuracy figures are its own. Returns (paths written, the card)."""
@@ -208,12 +325,15 @@ def export_model(run: RunModel | str | Path, summary: dict | None = None, *, com
             raise UserError(f"{rd.path / 'summary.json'}: missing or damaged: run robprune export first") from None
     if compact:
         check_compactable(rm)
+    if semi_structured:
+        check_semi_structured(rm)
     _refuse_links(rd)
     spec = rm.spec
     shape = (1, spec.in_channels, spec.image_size, spec.image_size)
     files: dict[str, dict] = {}
     if compact:  # first: a compaction that fails its check writes nothing
         cm, report = compact_model(rm.model, rm.layers, shape)
+    semi_info = semi_structured_report(rm) if semi_structured else None
     paths = [
         _write(rd, MODEL_FILE, _safetensors_bytes(rm.state, _meta(rm, content="state_dict (parameters and buffers)")),
                files),
@@ -242,6 +362,8 @@ def export_model(run: RunModel | str | Path, summary: dict | None = None, *, com
     card = build_card(rm, summary, files=files, program=program_info, compact=compact_info,
                       versions={"robprune": _robprune_version(), "torch": torch.__version__,
                                 "safetensors": safetensors.__version__})
+    if semi_info is not None:
+        card["semi_structured"] = semi_info
     atomic_write_text(rd.path / CARD_FILE, json.dumps(card, indent=2) + "\n")
     paths.append(rd.path / CARD_FILE)
     rd.append_event({"type": "export", "paths": [str(p) for p in paths]})

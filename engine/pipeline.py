@@ -25,16 +25,18 @@ except ImportError:  # pragma: no cover - numpy comes with torchvision
 
 from . import data as data_mod
 from . import evaluation as eval_mod
+from . import overfit
 from .admm import ADMM
 from .attacks import attack, channels_last_strides, evaluate
-from .config import PHASES, Config, PhaseConfig
+from .config import PHASES, Config, PhaseConfig, phase_attack
 from .control import (CheckpointNow, Command, Control, EvalNow, Pause, Refused, Resume, SetRho, Stop)
 from .errors import ConfigError, NonFiniteError, UserError
 from .events import (AutoAttackResult, CheckpointSaved, CommandApplied, ErrorEvent, EvalResult, EventBus, Finished,
-                     LayerStats, LogLine, NonFinite, PhaseChange, Residuals, StepMetrics)
+                     LayerStats, LogLine, NonFinite, OverfitCheck, PhaseChange, PruneAllocation, Residuals,
+                     StepMetrics)
 from .models import PerModel, build_model, cpu_channels_last_hazard, prunable_parameters
 from .resources import ResourceMonitor
-from .pruning import MaskedParams, layer_scheme, layer_stats, project, resolve_targets
+from .pruning import MaskedParams, layer_stats, plan_layers, project
 from .rundir import RunDir, atomic_torch_save, safe_torch_load
 from .summary import build_summary, write_summary
 
@@ -194,6 +196,7 @@ class Engine:
         self._nf: torch.Tensor | None = None  # device flag: a non-finite loss since the last emission
         self._bad: dict | None = None  # set at the first non-finite loss or weight: no checkpoint from then on
         self.best: dict | None = None  # the evaluation best.pt holds (see _consider_best)
+        self.overfit = overfit.OverfitMonitor()  # catastrophic overfitting checks of single-step training
         self.last_checkpoint: dict | None = None  # the last good checkpoint.pt written (path, step, phase)
         self._last_emit = time.monotonic()
 
@@ -240,16 +243,26 @@ class Engine:
             self._load_init(cfg.run.init)
         self.params = prunable_parameters(self.model)
         self.control.layers = self.params  # the layers a set_rho may name
-        # a glob matching no layer is reported where it came from: the profile, or a --set override
-        self.ratios = resolve_targets(list(self.params), cfg.prune.ratio, cfg.prune.layers,
-                                      source=lambda key: cfg.origin(f"prune.layers.{key}"))
-        self.schemes = {k: layer_scheme(p, cfg.prune.scheme, cfg.prune.linear_scheme) for k, p in self.params.items()}
+        # per-layer schemes and ratios, checked (N:M row lengths, the allocation's budget); a bad key is reported
+        # where it came from: the profile, or a --set override
+        pr = cfg.prune
+        self.plan = plan_layers(self.params, scheme=pr.scheme, linear_scheme=pr.linear_scheme, ratio=pr.ratio,
+                                layers=pr.layers, allocation=pr.allocation, normalize=pr.global_normalize,
+                                origin=cfg.origin)
+        self.ratios, self.schemes = dict(self.plan.ratios), dict(self.plan.schemes)
+        self.allocation: dict | None = None  # the per-layer ratios once fixed (see _fix_allocation)
+        for note in self.plan.notes:
+            self.log("info", note)
+        # compiled: static shapes, so the last partial batch of an epoch is dropped (each epoch shuffles anew, so
+        # every example is still seen) rather than compiled a second time, or for every size, as a dynamic graph
+        n_train = self.data.train_x.shape[0]
         self.loader = data_mod.BatchLoader(self.data.train_x, self.data.train_y, cfg.data.batch_size, shuffle=True,
-                                           seed=cfg.run.seed, augment=cfg.data.augment and cfg.data.name == "cifar10")
+                                           seed=cfg.run.seed, augment=cfg.data.augment and cfg.data.name == "cifar10",
+                                           drop_last=cfg.run.compile and n_train >= cfg.data.batch_size)
         self.eval_x, self.eval_y = data_mod.eval_subset(self.data.test_x, self.data.test_y, cfg.eval.subset)
         self.train_fn = self.model
         if cfg.run.compile:
-            self.train_fn = torch.compile(self.model)
+            self.train_fn = torch.compile(self.model, dynamic=False)
         self._nf = torch.zeros((), dtype=torch.bool, device=self.device)
         self._setup_done = True
 
@@ -315,6 +328,8 @@ class Engine:
         self.phase_index, self.phase = index, name
         if not resumed:
             self.epoch, self.batch = 0, 0
+        if name in ("admm", "retrain"):
+            self._fix_allocation()
         if pc.epochs == 0:
             self.bus.emit(PhaseChange(phase=name, index=index, epochs=0, step=self.step, skipped=True))
             self.log("info", f"phase {name} skipped (0 epochs)")
@@ -329,6 +344,7 @@ class Engine:
         try:
             while self.epoch < pc.epochs:
                 self._run_epoch(name, pc)
+                self._overfit_check()
                 self.epoch += 1
                 self.batch = 0
                 last = self.epoch == pc.epochs
@@ -366,6 +382,18 @@ class Engine:
             self.masked.attach()
         self.optimizer = make_optimizer(pc, self.model.parameters(), self.device)
 
+    def _fix_allocation(self) -> None:
+        """Fix the per-layer ratios (a global allocation ranks this moment's weights), once per run: they go into
+        every checkpoint from now on, and a resumed run takes them from there."""
+        if self.allocation is not None:
+            return
+        self.ratios = self.plan.finalize({k: p.detach() for k, p in self.params.items()})
+        self.allocation = {**self.plan.record(self.ratios), "step": self.step, "phase": self.phase}
+        self.bus.emit(PruneAllocation(**self.allocation))
+        a = self.allocation
+        self.log("info", f"per-layer ratios fixed ({a['method']}): {a['pruned']} of {a['prunable']} prunable weights "
+                         f"({100 * a['pruned'] / max(a['prunable'], 1):.2f}%) to remove")
+
     @torch.no_grad()
     def _hard_prune(self) -> None:
         self.masks = {}
@@ -393,7 +421,7 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.lr = lr
-        ta = cfg.attack.train
+        ta = phase_attack(cfg.attack.train, pc)
         dev = self.device
         self._acc = [torch.zeros((), device=dev), torch.zeros((), dtype=torch.long, device=dev), 0]
         self._interval_t0 = time.monotonic()
@@ -555,6 +583,32 @@ class Engine:
         self.rho_history.append(entry)
 
     # ------------------------------------------------------------------ evaluation and stats
+    def _overfit_check(self) -> None:
+        """After an epoch of single-step training: APGD-CE (attack.eval's eps and steps) and the training attack at
+        full eps on the first ``eval.overfit_check`` test examples; an ``overfit_check`` event, and a warning when
+        the accuracies say catastrophic overfitting (see :mod:`robprune.engine.overfit`)."""
+        cfg = self.cfg
+        ta = phase_attack(cfg.attack.train, getattr(cfg.phases, self.phase))
+        ea, n = cfg.attack.eval, cfg.eval.overfit_check
+        if ta.kind not in overfit.SINGLE_STEP or n <= 0:
+            return
+        x, y = data_mod.eval_subset(self.data.test_x, self.data.test_y, n)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), eval_mod.float32():
+            strong = overfit.apgd_accuracy(self.model, data_mod.to_float(x), y, eps=ea.eps, steps=ea.steps,
+                                           batch_size=cfg.data.test_batch_size, seed=cfg.run.seed + 2)
+            _, train_acc = evaluate(self.model, x, y, kind=ta.kind, eps=ta.eps, step_size=ta.step_size, steps=ta.steps,
+                                    restarts=1, batch_size=cfg.data.test_batch_size, to_float=data_mod.to_float,
+                                    seed=cfg.run.seed + 3)
+        best = self.overfit.best if self.overfit.phase == self.phase else None
+        rule = self.overfit.judge(self.phase, strong, train_acc)
+        self.bus.emit(OverfitCheck(n=len(y), apgd_acc=strong, apgd_steps=ea.steps, train_attack_acc=train_acc,
+                                   train_attack=ta.kind, detected=rule, **self._where()))
+        if rule is not None:
+            self.overfit.detections.append({"step": self.step, "phase": self.phase, "epoch": self.epoch, "rule": rule})
+            self.log("warning", overfit.message(rule, n=len(y), apgd_acc=strong, train_attack_acc=train_acc,
+                                                best=best, kind=ta.kind.upper()))
+
     def _evaluate(self, reason: str, *, final: bool = False) -> dict:
         cfg = self.cfg
         ea = cfg.attack.eval
@@ -631,6 +685,7 @@ class Engine:
         for k, p in self.params.items():
             st = layer_stats(p.detach(), self.masks.get(k) if self.masks else None, self.ratios[k], self.schemes[k])
             recs.append({"name": k, "shape": list(p.shape), "target": self.ratios[k], "scheme": self.schemes[k],
+                         "target_pending": self.allocation is None and self.plan.pending(k),
                          "primal": res.get(k, {}).get("primal"), "rho": res.get(k, {}).get("rho"), **st})
         return recs
 
@@ -657,9 +712,10 @@ class Engine:
             "masks": self.masks,
             "pending_rho": self.pending_rho,
             "layers": {k: {"target": self.ratios[k], "scheme": self.schemes[k]} for k in self.params},
+            "allocation": self.allocation,
             "rho_history": self.rho_history, "phase_times": dict(self.phase_times),
             "rng": rng, "metrics_lines": self.rundir.metrics_lines(), "last_eval": self.last_eval,
-            "best": self.best,
+            "best": self.best, "overfit": self.overfit.state_dict(),
         }
 
     def _resume_hint(self) -> str:
@@ -686,6 +742,10 @@ class Engine:
 
     def _restore(self, st: dict) -> int:
         self.model.load_state_dict(st["model"])
+        if st.get("allocation"):  # the ratios fixed before the checkpoint: never recomputed
+            self.allocation = st["allocation"]
+            self.ratios = {**self.ratios, **{k: float(v["ratio"]) for k, v in st["allocation"]["layers"].items()}}
+            self.plan.final = True
         self.phase_index, self.epoch, self.batch, self.step = st["phase_index"], st["epoch"], st["batch"], st["step"]
         self.phase = PHASES[self.phase_index] if st["phase"] in PHASES else st["phase"]
         self.rho_history = list(st["rho_history"])
@@ -694,6 +754,7 @@ class Engine:
         self.pending_rho = [pending] if isinstance(pending, dict) else list(pending)  # older checkpoints: one
         self.last_eval = st.get("last_eval")
         self.best = st.get("best")
+        self.overfit.load_state_dict(st.get("overfit"))
         self.last_checkpoint = {"path": str(self.rundir.checkpoint), "step": self.step, "phase": st["phase"]}
         if st["phase"] == "done":
             return len(PHASES)
@@ -741,7 +802,8 @@ class Engine:
         self.summary = build_summary(
             cfg=self.cfg, weights=weights, layers={k: {"target": self.ratios[k], "scheme": self.schemes[k]}
                                                    for k in self.params},
-            final_eval=final, phase_times=self.phase_times, rho_history=self.rho_history, status=status,
+            allocation=self.allocation, final_eval=final, phase_times=self.phase_times, rho_history=self.rho_history,
+            status=status,
             step=self.step, device=str(self.device), run_dir=str(self.rundir.path))
         write_summary(self.rundir, self.summary)
         self.state = "finished"

@@ -17,7 +17,9 @@ from .rundir import RunDir, atomic_write_text, read_jsonl
 
 def build_summary(*, cfg, weights: dict[str, torch.Tensor], layers: dict[str, dict], final_eval: dict | None,
                   phase_times: dict[str, float], rho_history: list[dict], status: str, step: int,
-                  device: str, run_dir: str) -> dict:
+                  device: str, run_dir: str, allocation: dict | None = None) -> dict:
+    """``allocation``: the per-layer ratios as the run fixed them (the checkpoint's ``allocation``, see
+    :meth:`robprune.engine.pruning.PrunePlan.record`), or None before they were fixed."""
     per_layer = []
     pr_total = pr_nonzero = 0
     for name, info in layers.items():
@@ -41,7 +43,11 @@ def build_summary(*, cfg, weights: dict[str, torch.Tensor], layers: dict[str, di
         "data": cfg.data.name,
         "final": {"nat_acc": ev.get("nat_acc"), "adv_acc": ev.get("adv_acc"), "n": ev.get("n"),
                   "attack": ev.get("attack"), "autoattack": ev.get("autoattack"), "robust": reported_robustness(ev)},
-        "prune": {"scheme": cfg.prune.scheme, "linear_scheme": cfg.prune.linear_scheme},
+        "prune": {"scheme": cfg.prune.scheme, "linear_scheme": cfg.prune.linear_scheme, "ratio": cfg.prune.ratio,
+                  "allocation": getattr(cfg.prune, "allocation", "uniform"),
+                  "allocated": None if allocation is None else {
+                      k: allocation.get(k) for k in ("method", "ratio", "normalize", "prunable", "pruned", "step",
+                                                     "phase")}},
         "layers": per_layer,
         "sparsity": {"prunable_params": pr_total, "prunable_nonzero": pr_nonzero,
                      "prunable": (pr_total - pr_nonzero) / pr_total if pr_total else 0.0,
@@ -90,6 +96,23 @@ def reported_robustness(ev: dict) -> dict | None:
     return {"acc": ev.get("adv_acc"), "attack": attack_label(ev.get("attack"), ev.get("n")), "n": ev.get("n")}
 
 
+def target_label(target: float | None, scheme: str | None = None, digits: int = 2) -> str:
+    """A layer's target ratio for a table: ``80.00%``; an N:M layer's with its pattern, ``50.00% (2:4)``."""
+    if target is None:
+        return "n/a"
+    text = f"{100 * target:.{digits}f}%"
+    return f"{text} ({scheme})" if target > 0 and isinstance(scheme, str) and ":" in scheme else text
+
+
+def _allocation_text(s: dict) -> str:
+    a = (s.get("prune") or {}).get("allocated")
+    if not a or a.get("method") in (None, "uniform"):
+        return ""
+    return (f"; allocation {a['method']}{' (RMS-normalised)' if a.get('normalize') else ''}: {a['pruned']} of "
+            f"{a['prunable']} prunable weights ({_pct(a['pruned'] / max(a['prunable'], 1))}), per-layer ratios fixed at "
+            f"step {a.get('step')}")
+
+
 def _is_buffer_name(name: str) -> bool:
     return name.endswith(("running_mean", "running_var", "num_batches_tracked"))
 
@@ -107,7 +130,7 @@ def summary_markdown(s: dict) -> str:
         f"- status: {s['status']} after {s['steps']} steps on {s['device']}",
         f"- model: {s['model']['arch']} width {s['model']['width']}"
         + (f" depth {s['model']['depth']}" if "depth" in s["model"] else "") + f", data {s['data']}",
-        f"- pruning: {s['prune']['scheme']} (linear layers: {s['prune']['linear_scheme']})", "",
+        f"- pruning: {s['prune']['scheme']} (linear layers: {s['prune']['linear_scheme']})" + _allocation_text(s), "",
         "## Accuracy", "",
         "| evaluation | natural | robust | test examples |", "|---|---|---|---|",
         f"| {attack_label(a)} | {_pct(f.get('nat_acc'))} | {_pct(f.get('adv_acc'))} | {f.get('n')} |",
@@ -124,7 +147,7 @@ def summary_markdown(s: dict) -> str:
     ]
     for L in s["layers"]:
         lines.append(f"| {L['name']} | {'x'.join(map(str, L['shape']))} | {L['params']} | {L['nonzero']} | "
-                     f"{_pct(L['sparsity'])} | {_pct(L['target'])} | {L['scheme']} |")
+                     f"{_pct(L['sparsity'])} | {target_label(L['target'], L['scheme'])} | {L['scheme']} |")
     cr = s["compression_rate"]
     lines += [
         "", f"- prunable weights: {sp['prunable_params']} total, {sp['prunable_nonzero']} nonzero, "
@@ -206,7 +229,8 @@ def export_run(run_dir: str | Path, skipped: list[str] | None = None) -> list[Pa
             final = {**final, "autoattack": {k: aa.get(k) for k in ("attack", "clean_acc", "robust_acc", "per_attack",
                                                                      "seconds", "path")}}
     status = "completed" if rd.model.exists() else "in progress"
-    summary = build_summary(cfg=cfg, weights=weights, layers=st["layers"], final_eval=final,
+    summary = build_summary(cfg=cfg, weights=weights, layers=st["layers"], allocation=st.get("allocation"),
+                            final_eval=final,
                             phase_times=st["phase_times"], rho_history=st["rho_history"], status=status,
                             step=st["step"], device="n/a (export)", run_dir=str(rd.path))
     prev = rd.path / "summary.json"

@@ -325,7 +325,8 @@ def test_milestones_must_be_increasing_non_negative_ints():
      "data.name: expected one of 'mnist-5k', 'mnist', 'cifar10', 'synthetic', found 'cifar' "
      "(did you mean 'cifar10'?)"),
     ({"prune": {"scheme": "filters"}},
-     "prune.scheme: expected one of 'irregular', 'filter', 'column', found 'filters' (did you mean 'filter'?)"),
+     "prune.scheme: expected one of 'irregular', 'filter', 'column' or \"N:M\" with integers 0 < N < M (e.g. "
+     "'2:4'), found 'filters' (did you mean 'filter'?)"),
     ({"attack": {"train": {"kind": "pdg"}}},
      "attack.train.kind: expected one of 'pgd', 'fgsm-rs', 'none', found 'pdg' (did you mean 'pgd'?)"),
     ({"attack": {"eval": {"kind": "none"}}}, "attack.eval.kind: expected one of 'pgd', 'fgsm-rs', found 'none'"),
@@ -423,7 +424,7 @@ def test_dump_toml_defaults_round_trip_and_covers_every_key():
     assert from_dict(tomllib.loads(dump_toml(d)), "d.toml") == Config()
     flat = {f"{a}.{b}" for a, t in d.items() for b in t}
     assert {"attack.train", "attack.eval", "phases.admm", "prune.layers", "run.name"} <= flat
-    assert len(schema_keys()) == 11 + 9 + 3 + 2 * 6 + 3 + 3 + 3 * 10 + 6 + 1
+    assert len(schema_keys()) == 11 + 9 + 3 + 2 * 6 + 5 + 3 + 3 * 13 + 7 + 1
 
 
 def test_to_dict_is_plain_and_detached():
@@ -434,3 +435,56 @@ def test_to_dict_is_plain_and_detached():
     d["phases"]["admm"]["milestones"].append(1)
     assert cfg.prune.layers == {} and cfg.phases.admm.milestones == []
     assert dataclasses.replace(cfg, source="other.toml") == cfg
+
+
+# ------------------------------------------------------------------------------------------ N:M schemes, allocation
+
+
+def test_nm_schemes_accepted(tmp_path):
+    cfg = from_dict({"prune": {"scheme": "2:4", "linear_scheme": "1:8"}}, "p.toml")
+    assert (cfg.prune.scheme, cfg.prune.linear_scheme) == ("2:4", "1:8")
+    cfg = load_profile(write(tmp_path, "[prune]\nratio = 0.5\n"), ["prune.scheme=2:4", 'prune.linear_scheme="2:4"'])
+    assert (cfg.prune.scheme, cfg.prune.linear_scheme) == ("2:4", "2:4")
+    assert cfg.prune.allocation == "uniform" and cfg.prune.global_normalize is False
+    back = from_dict(tomllib.loads(dump_toml(cfg.to_dict())), "resolved.toml")
+    assert back == cfg
+
+
+@pytest.mark.parametrize("value", ["4:2", "2:2", "0:4", "2:4:8", "02:4", "2 : 4", "-1:4", "n:m", 24, "1:1234567"])
+def test_bad_nm_schemes_one_line(value):
+    for key in ("scheme", "linear_scheme"):
+        msg = err({"prune": {key: value}})
+        assert msg.startswith(f"p.toml: prune.{key}: expected one of 'irregular', 'filter', 'column' or \"N:M\" with "
+                              "integers 0 < N < M (e.g. '2:4'), found ")
+        assert len(msg.splitlines()) == 1
+
+
+def test_allocation_values():
+    for a in ("uniform", "global", "erk"):
+        assert from_dict({"prune": {"allocation": a}}, "p.toml").prune.allocation == a
+    assert err({"prune": {"allocation": "erdos"}}) == (
+        "p.toml: prune.allocation: expected one of 'uniform', 'global', 'erk', found 'erdos'")
+    assert from_dict({"prune": {"allocation": "global", "global_normalize": True}}, "p.toml").prune.global_normalize
+
+
+def test_allocation_needs_irregular_schemes_and_normalize_needs_global(tmp_path):
+    assert err({"prune": {"allocation": "global", "scheme": "filter"}}) == (
+        "p.toml: prune.allocation: expected 'uniform' with prune.scheme = 'filter' (global and erk rank single "
+        "weights: they need prune.scheme and prune.linear_scheme = 'irregular'), found 'global'")
+    assert "prune.linear_scheme = '2:4'" in err({"prune": {"allocation": "erk", "linear_scheme": "2:4"}})
+    assert err({"prune": {"allocation": "erk", "global_normalize": True}}) == (
+        "p.toml: prune.global_normalize: expected false with prune.allocation = 'erk' (it applies to 'global' only), "
+        "found True")
+    with pytest.raises(ConfigError) as ei:  # set by --set: the error says so
+        load_profile(write(tmp_path, '[prune]\nscheme = "column"\n'), ["prune.allocation=global"])
+    assert str(ei.value).startswith("--set: prune.allocation: expected 'uniform' with prune.scheme = 'column'")
+
+
+def test_every_builtin_profile_loads_and_names_itself():
+    from robprune.engine.config import builtin_profiles, load_profile
+
+    profiles = builtin_profiles()
+    assert {"mnist_quick", "mnist_speedrun", "cifar_resnet18_speedrun", "wrn_irregular"} <= set(profiles)
+    for name, path in profiles.items():
+        cfg = load_profile(path)
+        assert cfg.run.name == name, path

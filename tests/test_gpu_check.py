@@ -90,7 +90,13 @@ def test_bench_part_reports_bf16_as_not_used_on_the_cpu(work):
         assert r["train_fraction_of_matmul"] > 0 and r["train_fraction_of_peak"] is None  # no datasheet for a CPU
 
 
-@pytest.mark.parametrize("broken", [None, "train", "bench"])
+def test_semi_structured_part_says_why_not_on_the_cpu(work):
+    out = gc.check_semi_structured("cpu", work, batch=64, hidden=64)
+    assert out["supported"] is False and "speedup" not in out
+    assert out["reason"]  # one line saying why the CPU cannot
+
+
+@pytest.mark.parametrize("broken", [None, "train", "bench", "semi_structured"])
 def test_main_runs_every_part_on_cuda_and_names_what_broke(broken, monkeypatch, capsys):
     """The driver's wiring, with the parts faked: one JSON line on stdout; a broken part is in ``failed``, on stderr
     and in the exit code; eval and export, which need the train part's run, fail with it rather than vanish."""
@@ -105,14 +111,14 @@ def test_main_runs_every_part_on_cuda_and_names_what_broke(broken, monkeypatch, 
         return part
 
     monkeypatch.setattr(gc.torch.cuda, "is_available", lambda: True)
-    for name in ("device", "train", "deterministic", "resume", "eval", "export", "bench"):
+    for name in ("device", "train", "deterministic", "resume", "eval", "export", "bench", "semi_structured"):
         monkeypatch.setattr(gc, f"check_{name}", fake(name))
     rc = gc.main([])
     out, err = capsys.readouterr()
     lines = out.splitlines()
     assert len(lines) == 1
     report = gc.json.loads(lines[0])
-    parts = ["device", "train", "deterministic", "resume", "eval", "export", "bench"]
+    parts = ["device", "train", "deterministic", "resume", "eval", "export", "bench", "semi_structured"]
     assert [k for k in report if k in parts] == parts and all(report[p]["seconds"] >= 0 for p in parts)
     assert {device for _, device in calls} == {"cuda"}
     if broken is None:

@@ -236,3 +236,25 @@ def test_stop_during_the_final_autoattack_then_resume_finishes_it(tmp_path, tiny
     r.run()
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final"]["autoattack"]["attack"]["n"] == 64
+
+
+def test_compiled_run_has_static_shapes_and_drops_the_partial_batch(tmp_path):
+    """run.compile: one static graph for training; the last partial batch of each epoch (500 = 7 x 64 + 52) is
+    dropped instead of compiled again (docs/performance.md measures the recompilation it saves)."""
+    from torch._dynamo.utils import counters
+
+    from tests.conftest import run_session
+
+    torch._dynamo.reset()
+    counters.clear()
+    overrides = ["data.synthetic_train=500", "run.compile=true", "phases.pretrain.epochs=2", "phases.admm.epochs=0",
+                 "phases.retrain.epochs=0", "eval.final_attack=\"pgd\""]
+    s, summary = run_session(tmp_path, overrides)
+    try:
+        assert s.engine.state == "finished" and summary["final"]["nat_acc"] is not None
+        eng = s.engine
+        assert len(eng.loader) == 7 and eng.loader.drop_last
+        assert eng.step == 2 * 7
+        assert counters["stats"]["unique_graphs"] == 1  # one shape, one graph: no recompilation
+    finally:
+        torch._dynamo.reset()

@@ -222,3 +222,48 @@ def test_cuda_rng_restore_uses_the_runs_own_gpu(monkeypatch):
     _set_cuda_rng_state(["gpu0", "gpu1"], torch.device("cuda"))
     _set_cuda_rng_state(["gpu0"], torch.device("cuda", 1))  # written with 1 GPU visible, resumed on cuda:1
     assert calls == [("own", "cuda"), ("gpu1", "cuda:1"), ("gpu0", "cuda")]
+
+
+def test_resume_mid_admm_keeps_the_global_allocation(tmp_path, monkeypatch):
+    """prune.allocation = "global" ranks the weights of the ADMM phase's start; a run stopped mid-ADMM resumes with
+    the checkpoint's per-layer ratios (never ranking the resumed weights again) and ends with exactly the overall
+    count; the ratios are in events.jsonl once, in the summary and in the layer records."""
+    from robprune.engine import pruning
+    from robprune.engine.events import StepMetrics
+    from robprune.engine.pruning import n_pruned
+
+    sets = ['prune.allocation="global"', "prune.global_normalize=true", "phases.pretrain.epochs=1",
+            "phases.admm.epochs=3", "phases.retrain.epochs=1"]
+    s = Session.new(_tiny(tmp_path), sets, tmp_path / "r")
+    s.prepare()
+    layers_seen = []
+    s.subscribe(lambda e: layers_seen.append(e.layers) if e.type == "layers" else None)
+    s.subscribe(lambda e: s.stop() if isinstance(e, StepMetrics) and e.phase == "admm" and e.step >= 8 + 12 else None)
+    s.run()
+    assert s.state == "stopped" and s.engine.phase == "admm"
+    chosen = dict(s.engine.ratios)
+    ck = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ck["phase"] == "admm" and ck["allocation"]["method"] == "global" and ck["allocation"]["step"] == 8
+    assert {k: v["ratio"] for k, v in ck["allocation"]["layers"].items()} == chosen
+    assert {k: v["target"] for k, v in ck["layers"].items()} == chosen
+    assert chosen["conv1.weight"] == 0.5  # named in prune.layers: kept out of the allocation
+    assert len({round(r, 3) for r in chosen.values()}) > 2  # global: the layers got different ratios
+    pre = [L for L in layers_seen if L[1]["target_pending"]]  # [0] is conv1, never pending
+    assert pre and all(L["target"] == 0.8 for L in pre[0] if L["name"] != "conv1.weight")
+    assert not layers_seen[-1][1]["target_pending"] and layers_seen[-1][1]["target"] == chosen["conv2.weight"]
+
+    def no_ranking(*a, **kw):
+        raise AssertionError("a resumed run ranked the weights again")
+
+    monkeypatch.setattr(pruning, "global_counts", no_ranking)
+    r = Session.resume(tmp_path / "r")
+    r.prepare()
+    summary = r.run()
+    assert r.state == "finished" and r.engine.ratios == chosen
+    allocations = [e for e in read_jsonl(tmp_path / "r" / "events.jsonl") if e["type"] == "allocation"]
+    assert len(allocations) == 1 and allocations[0]["normalize"] is True
+    assert {k: v["ratio"] for k, v in allocations[0]["layers"].items()} == chosen
+    total = sum(L["params"] for L in summary["layers"])
+    assert sum(L["zeros"] for L in summary["layers"]) == n_pruned(total, 0.8) == allocations[0]["pruned"]
+    assert {L["name"]: L["target"] for L in summary["layers"]} == chosen
+    assert summary["prune"]["allocated"]["method"] == "global" and summary["prune"]["allocated"]["step"] == 8

@@ -5,7 +5,7 @@ Parts (each a function taking ``device``, so tests/test_gpu_check.py runs them o
 bf16 + channels_last + cudnn.benchmark + torch.compile; two deterministic runs (bitwise-equal weights?); a run
 SIGKILLed after its first checkpoint and resumed; ``robprune eval`` (PGD, AutoAttack) on the device and on the CPU;
 ``robprune export`` with model.pt2 reloaded on the CPU; ``robprune bench`` for ResNet-18 w=16 and WRN-28-10 with
-and without --bf16. A part that breaks is named in the JSON (``failed``) and on stderr, and the exit code is 1;
+and without --bf16; ``robprune bench --semi-structured`` (dense against 2:4 sparse inference). A part that breaks is named in the JSON (``failed``) and on stderr, and the exit code is 1;
 without CUDA the script exits 2 with one line. Usage: tools/gpu_check.sh [--keep]
 """
 from __future__ import annotations
@@ -253,6 +253,22 @@ def check_bench(device: str, work: Path, configs=BENCH, batch: int = 128, steps:
     return out
 
 
+def check_semi_structured(device: str, work: Path, batch: int = 4096, hidden: int = 4096) -> dict:
+    """``robprune bench --semi-structured``: dense against 2:4 sparse inference of a linear-heavy model. On a GPU of
+    compute capability 8.0 or newer it must run (and agree with the dense model); elsewhere the JSON says why not."""
+    r, peak = robprune(work, "bench", "--semi-structured", "--device", device, "--batch", batch, "--hidden", hidden,
+                       "--repeats", 3, "--warmup", 2, "--iters", 5, timeout=300)
+    got = json.loads(r.stdout)
+    keep = ("supported", "reason", "dense_ms_per_batch", "sparse_ms_per_batch", "speedup", "max_abs_diff", "converted")
+    res = {k: got[k] for k in keep if k in got} | {"peak_gpu_mem_mb": None if peak is None else round(peak / 2**20)}
+    capable = device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+    if capable and not got.get("supported"):
+        raise Failed(f"2:4 bench: not supported on a GPU of compute capability 8.0 or newer: {got.get('reason')}")
+    if got.get("supported") and not got.get("speedup"):
+        raise Failed("2:4 bench: no speedup in its output")
+    return res
+
+
 # ------------------------------------------------------------------------------------------------ the driver
 
 def run_part(report: dict, part: str, fn, *args, **kw):
@@ -283,7 +299,7 @@ def main(argv: list[str]) -> int:
     report: dict = {"ok": False, "failed": [], "work_dir": str(work) if "--keep" in argv else None}
     device = "cuda"
     run_part(report, "device", check_device, device)
-    for name in ("train", "deterministic", "resume", "eval", "export", "bench"):
+    for name in ("train", "deterministic", "resume", "eval", "export", "bench", "semi_structured"):
         report[name] = None  # the JSON's order
 
     def reproducibility():  # beside the compiling run: the deterministic pair, then the kill and resume
@@ -298,6 +314,7 @@ def main(argv: list[str]) -> int:
         run_part(report, name, fn, device, Path(train["run_dir"]), *args) if train["ok"] else run_part(
             report, name, needs, "the train part's run")
     run_part(report, "bench", check_bench, device, work)
+    run_part(report, "semi_structured", check_semi_structured, device, work)
     report["seconds"] = round(time.monotonic() - t0, 1)
     if report["seconds"] > BUDGET_S:
         report["failed"].append("budget")

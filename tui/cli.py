@@ -11,7 +11,7 @@ import signal
 import stat
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 from rich.console import Console
@@ -350,14 +350,19 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run directory (finished, or with a checkpoint)."),
     compact: bool = typer.Option(False, "--compact", help="Also write model_compact.safetensors / .pt2: the pruned "
                                                            "filters and channels removed (filter or column pruning)."),
+    semi_structured: bool = typer.Option(False, "--semi-structured",
+                                         help="Also convert the 2:4-pruned linear weights to torch's semi-structured "
+                                              "sparse format and check the logits (prune.linear_scheme = \"2:4\"; "
+                                              "a CUDA GPU of compute capability 8.0 or newer); the result goes into "
+                                              "model_card.json."),
 ) -> None:
     """Write summary.json, summary.md, metrics.csv and the model (model.safetensors, masks.safetensors, model.pt2,
     model_card.json: they load without robprune) into the run directory."""
-    from robprune.engine.export import compact_lines, export_all
+    from robprune.engine.export import compact_lines, export_all, semi_structured_lines
 
     skipped: list[str] = []
     try:
-        paths, card = export_all(run_dir, skipped, compact=compact)
+        paths, card = export_all(run_dir, skipped, compact=compact, semi_structured=semi_structured)
     except UserError as exc:
         fail(exc)
     for line in skipped:
@@ -372,23 +377,28 @@ def export(
     if card.get("compact"):
         for line in compact_lines(card["compact"]):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
+    if card.get("semi_structured"):
+        for line in semi_structured_lines(card["semi_structured"]):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command("experiment")
 def experiment_cmd(
-    name: str = typer.Argument(..., help="weight-dist | scratch-vs-pruned | lottery | transfer | schemes."),
+    name: str = typer.Argument(..., help="weight-dist | scratch-vs-pruned | lottery | transfer | schemes | budgets."),
     profile: Path = typer.Argument(..., help="Base profile every run starts from; the preset's keys go on top of it."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Report directory (default experiments/NAME); the "
                                                                  "runs live in OUT/runs/<run>."),
-    overrides: List[str] = typer.Option([], "--set", help="A profile key for every run (--set run.seed=1), or an "
-                                                          "experiment parameter (--set exp.widths=[1,2,4])."),
+    overrides: List[str] = typer.Option([], "--set", help="A profile key for every run (--set admm.rho=0.01), or an "
+                                                          "experiment parameter (--set exp.widths=[1,2,4], --set "
+                                                          "exp.seeds=[0,1])."),
     preset: str = typer.Option("cpu", "--preset", help="cpu (mnist-5k, CPU minutes) | paper (GPU) | tiny "
                                                        "(tests), or a preset TOML file."),
     plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", help="Draw the plots in the terminal "
                                                                          "(default: when stdout is a terminal)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress: stderr gets errors only."),
 ) -> None:
-    """Run one of the paper's experiments (its trainings, one after the other) and write a report: report.md,
+    """Run one of the paper's experiments (or `budgets`: uniform, global and ERK per-layer budgets at 90-99%
+    sparsity), its trainings one after the other, and write a report: report.md,
     results.json / results.csv, PNG figures and the resolved profile of every run, in OUT.
 
     PROFILE is the base profile: each run is PROFILE + the preset's keys + your --set keys + the keys the
@@ -452,12 +462,15 @@ def experiment_cmd(
 def bench_cmd(
     model: str = typer.Option("lenet", "--model", help="lenet (MNIST shape) | resnet18 | vgg16 | wrn (CIFAR shape)."),
     width: int = typer.Option(4, "--width", help="Width (16 = standard size; the widen factor k for wrn)."),
-    batch: int = typer.Option(128, "--batch", help="Batch size."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default 128; 4096 with "
+                                                              "--semi-structured)."),
     attack: str = typer.Option("pgd", "--attack", help="pgd | fgsm-rs | none."),
     steps: int = typer.Option(40, "--steps", help="Attack steps."),
     phase: str = typer.Option("admm", "--phase", help="pretrain | admm (with the penalty) | retrain (with masks)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed blocks per path (the median is reported)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed blocks per path (the median is reported; "
+                                                                    "default 5); with --pipeline, runs of each "
+                                                                    "profile (default 3)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed steps per path first."),
     iters: int = typer.Option(10, "--iters", help="Steps per timed block."),
     baseline: bool = typer.Option(False, "--baseline", help="Also time the reference-style loop, interleaved."),
@@ -478,8 +491,44 @@ def bench_cmd(
                                            help="Instead: time inference of RUN_DIR's masked model against its "
                                                 "compact one (what robprune export --compact writes), batch = the "
                                                 "run's test batch size."),
+    semi_structured: bool = typer.Option(False, "--semi-structured",
+                                         help="Instead: time inference of a linear-heavy model pruned 2:4, dense "
+                                              "against torch's semi-structured sparse kernels (a CUDA GPU of compute "
+                                              "capability 8.0 or newer; elsewhere the JSON says why it cannot)."),
+    hidden: int = typer.Option(4096, "--hidden", help="Hidden size of the --semi-structured model (a multiple of 64)."),
+    pipeline: Optional[Tuple[str, str]] = typer.Option(
+        None, "--pipeline", metavar="PROFILE_A PROFILE_B",
+        help="Instead: run two profiles whole, alternately (A, B, A, B, ...), each in a fresh process, and report "
+             "wall time, natural / PGD / AutoAttack accuracy and sparsity of every run, their medians and the time "
+             "ratio B / A."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --pipeline: keep the run directories here "
+                                                           "(default: a temporary directory, removed)."),
+    overrides: List[str] = typer.Option([], "--set", help="With --pipeline: a profile key for both profiles "
+                                                          "(repeatable)."),
 ) -> None:
     """Time adversarial training steps (and PGD evaluation); print one JSON object."""
+    if pipeline is not None:
+        from robprune.engine.pipeline_bench import run_pipeline_bench
+
+        try:
+            result = run_pipeline_bench(pipeline[0], pipeline[1], repeats=3 if repeats is None else repeats, out=out,
+                                        overrides=overrides, progress=lambda line: err.print(line, highlight=False,
+                                                                                             markup=False))
+        except UserError as exc:
+            fail(exc)
+        print(json.dumps(result), flush=True)
+        return
+    repeats = 5 if repeats is None else repeats
+    if semi_structured:
+        from robprune.engine.bench import run_semi_structured_bench
+
+        try:
+            result = run_semi_structured_bench(device=device, batch=batch or 4096, hidden=hidden, repeats=repeats,
+                                               warmup=warmup, iters=iters, threads=threads)
+        except (ValueError, UserError) as exc:
+            fail(exc)
+        print(json.dumps(result), flush=True)
+        return
     if compact is not None:
         from robprune.engine.export import run_compact_bench
 
@@ -498,7 +547,7 @@ def bench_cmd(
     from robprune.engine.bench import run_bench
 
     try:
-        result = run_bench(model=model, width=width, batch=batch, attack=attack, steps=steps, phase=phase,
+        result = run_bench(model=model, width=width, batch=batch or 128, attack=attack, steps=steps, phase=phase,
                            device=device, repeats=repeats, warmup=warmup, iters=iters, baseline=baseline,
                            ratio=ratio, bf16=bf16, channels_last=channels_last, compile=compile_, depth=depth,
                            threads=threads, optimizer=optimizer, eval_batches=eval_batches)

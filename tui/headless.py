@@ -9,7 +9,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.table import Table
 
 from robprune.engine import events as ev
-from robprune.engine.summary import accuracy_lines
+from robprune.engine.summary import accuracy_lines, target_label
 
 
 class ProgressPrinter:
@@ -89,7 +89,7 @@ def summary_table(s: dict) -> Table:
         t.add_column(col, justify="right" if col != "layer" else "left")
     for L in s["layers"]:
         t.add_row(L["name"], "x".join(map(str, L["shape"])), str(L["params"]), str(L["nonzero"]),
-                  f"{100 * L['sparsity']:.2f}%", f"{100 * L['target']:.2f}%")
+                  f"{100 * L['sparsity']:.2f}%", target_label(L['target'], L.get('scheme')))
     sp, cr = s["sparsity"], s["compression_rate"]
     t.add_section()
     t.add_row("prunable", "", str(sp["prunable_params"]), str(sp["prunable_nonzero"]), f"{100 * sp['prunable']:.2f}%",

@@ -107,6 +107,12 @@ class RunState:
         self._note("eval", f"eval ({r['reason']}) {r['phase']} epoch {r['epoch']}: natural {100 * r['nat_acc']:.2f}%, "
                            f"{a['kind'].upper()}-{a['steps']} {100 * r['adv_acc']:.2f}% (n={r['n']})", r["t"])
 
+    def _on_overfit_check(self, r: dict) -> None:
+        verdict = f": overfitting ({r['detected']})" if r.get("detected") else ""
+        self._note("warning" if r.get("detected") else "eval",
+                   f"overfit check {r['phase']} epoch {r['epoch']}: APGD-CE {100 * r['apgd_acc']:.1f}%, "
+                   f"{str(r['train_attack']).upper()} {100 * r['train_attack_acc']:.1f}% (n={r['n']}){verdict}", r["t"])
+
     def _on_layers(self, r: dict) -> None:
         self.layers = r["layers"]
         for L in self.layers:
@@ -140,6 +146,15 @@ class RunState:
 
     def _on_log(self, r: dict) -> None:
         self._note(r["level"], r["message"], r["t"])
+
+    def _on_allocation(self, r: dict) -> None:
+        """The per-layer ratios the run fixed (at the ADMM phase's start): the layer table shows them at once."""
+        chosen = r["layers"]
+        self.layers = [{**L, "target": chosen[L["name"]]["ratio"], "target_pending": False} if L.get("name") in chosen
+                       else L for L in self.layers]
+        share = r["pruned"] / r["prunable"] if r["prunable"] else 0.0
+        self._note("info", f"per-layer ratios fixed ({r['method']}): {r['pruned']:,} of {r['prunable']:,} prunable "
+                           f"weights ({100 * share:.2f}%)", r["t"])
 
     def _on_pause(self, r: dict) -> None:
         self.state = "paused"

@@ -10,7 +10,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, RadioButton, RadioSet, Static
 
 from robprune.engine.control import FACTOR_RANGE, RHO_RANGE, CommandError, SetRho
-from robprune.engine.summary import accuracy_lines
+from robprune.engine.summary import accuracy_lines, target_label
 
 HELP = """\
 [b]robprune dashboard[/b]
@@ -143,7 +143,7 @@ def summary_renderable(s: dict) -> Table:
         t.add_column(col, justify="left" if col == "layer" else "right")
     for L in s["layers"]:
         t.add_row(L["name"], f"{L['params']:,}", f"{L['nonzero']:,}", f"{100 * L['sparsity']:.2f}%",
-                  f"{100 * L['target']:.2f}%")
+                  target_label(L['target'], L.get('scheme')))
     t.add_section()
     t.add_row("overall (prunable)", f"{sp['prunable_params']:,}", f"{sp['prunable_nonzero']:,}",
               f"{100 * sp['prunable']:.2f}%", f"{cr['prunable']:.1f}x")

@@ -1,10 +1,12 @@
-"""Per-layer table: shape, parameters, target, exact-zero sparsity, share below the projection threshold,
+"""Per-layer table: shape, parameters, target (ratio, N:M pattern, or ``auto`` until a global allocation is made),
+exact-zero sparsity, share below the projection threshold,
 primal residual and rho, with inline bars."""
 from __future__ import annotations
 
 from rich.text import Text
 from textual.widgets import DataTable
 
+from robprune.engine.pruning import parse_nm
 from robprune.tui.state import RunState
 
 COLUMNS = ("layer", "shape", "params", "target", "sparsity", "<thr", "primal", "rho")
@@ -31,6 +33,17 @@ def _num(x: float | None) -> str:
     if x is None:
         return "--"
     return f"{x:.3g}" if x == 0 or 1e-3 <= abs(x) < 1e4 else f"{x:.1e}"
+
+
+def target_cell(L: dict) -> str:
+    """The target column: the ratio (``80.0%``); an N:M layer's pattern (``2:4``: its ratio is 1 - N/M); ``auto``
+    while a global allocation has not chosen it yet (it does when the ADMM phase starts)."""
+    if L.get("target_pending"):
+        return "auto"
+    scheme = L.get("scheme")
+    if L["target"] > 0 and parse_nm(scheme) is not None:
+        return scheme
+    return f"{100 * L['target']:.1f}%"
 
 
 def _short(name: str) -> str:
@@ -61,7 +74,7 @@ class LayerTable(DataTable):
             primal = res.get("primal", L.get("primal"))
             rho = s.rho.get(name)
             cells = (
-                _short(name), "x".join(map(str, L["shape"])), f"{L['numel']:,}", f"{100 * L['target']:.1f}%",
+                _short(name), "x".join(map(str, L["shape"])), f"{L['numel']:,}", target_cell(L),
                 bar(L["sparsity"]), bar(L.get("at_or_below")),
                 _num(primal), _num(rho),
             )
