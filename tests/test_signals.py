@@ -130,7 +130,7 @@ def test_second_ctrl_c_stops_at_once_and_the_run_directory_is_locked_meanwhile(t
 
 def test_sigterm_stops_an_experiment_with_a_checkpoint_and_a_rerun_resumes(tmp_path, short_profile):
     out = tmp_path / "exp"
-    first = out / "runs" / "adv-w2"
+    first = out / "runs" / "adv-w2-s0"  # the tiny preset's one seed
     p = spawn("experiment", "lottery", short_profile, "--out", out, "--preset", "tiny", "--no-plots")
     wait_for(training(first), p)
     p.send_signal(signal.SIGTERM)
@@ -143,7 +143,7 @@ def test_sigterm_stops_an_experiment_with_a_checkpoint_and_a_rerun_resumes(tmp_p
     assert r.returncode == 0, r.stderr
     results = json.loads((out / "results.json").read_text())
     assert {n: x["status"] for n, x in results["runs"].items()} == {
-        "adv-w2": "resumed", "lottery-w2-to-w1": "trained", "admm-w2-to-w1": "trained"}
+        "adv-w2-s0": "resumed", "lottery-w2-to-w1-s0": "trained", "admm-w2-to-w1-s0": "trained"}
 
 
 def test_under_nohup_a_hangup_does_not_stop_the_run(tmp_path, short_profile):

@@ -110,3 +110,14 @@ def test_wheel_runs_an_experiment_with_a_packaged_preset(wheel_env):
     results = json.loads((out / "results.json").read_text())
     assert results["experiment"] == "schemes" and results["preset"] == "tiny"
     assert (out / "report.md").stat().st_size > 0
+    # every experiment is listed by --help, and every packaged preset defines it
+    from robprune.engine.experiments.presets import EXPERIMENTS
+
+    assert "budgets" in EXPERIMENTS
+    helptext = _run(bindir, work, str(bindir / "robprune"), "experiment", "--help").stdout
+    assert " | ".join(EXPERIMENTS) in " ".join(helptext.replace("│", " ").split()), helptext
+    code = ("import tomllib; from robprune.engine.config import presets_dir; "
+            "print([sorted(k for k in tomllib.loads((presets_dir() / f'{p}.toml').read_text()) "
+            "if k not in ('description', 'profile')) for p in ('cpu', 'paper', 'tiny')])")
+    listed = _run(bindir, work, str(bindir / "python"), "-c", code).stdout.strip()
+    assert listed == str([sorted(EXPERIMENTS)] * 3), listed

@@ -9,20 +9,23 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import FINAL_ATTACKS, PHASES, SCHEMES, load_profile, parse_value, presets_dir, toml_value
+from ..config import ALLOCATIONS, FINAL_ATTACKS, PHASES, SCHEMES, load_profile, parse_value, presets_dir, toml_value
 from ..errors import ConfigError, UserError
 
-EXPERIMENTS = ("weight-dist", "scratch-vs-pruned", "lottery", "transfer", "schemes")
+EXPERIMENTS = ("weight-dist", "scratch-vs-pruned", "lottery", "transfer", "schemes", "budgets")
 PRESETS = ("cpu", "paper", "tiny")
 PARAM_PREFIX = "exp."
-# parameters every experiment takes: final_attack = "autoattack" gives every run a final AutoAttack
-# (eval.final_attack; eval.autoattack_n examples), and every accuracy cell a third number
-COMMON_PARAMS = {"final_attack": "pgd"}
+# parameters every experiment takes: seeds = the run.seed of each independent repetition of every run (each seed
+# trains every run from its own initial weights); final_attack = "autoattack" gives every run whose numbers a finding
+# compares a final AutoAttack (eval.final_attack; eval.autoattack_n examples), and its accuracy cells a third number
+COMMON_PARAMS = {"seeds": [0], "final_attack": "pgd"}
 
-# profile keys every experiment sets per run (the user sets them through the experiment's parameters instead)
-CONTROLLED = ("model.width", "prune.ratio", "prune.layers", "run.init", "run.name", "eval.final_attack",
-              *(f"phases.{phase}.epochs" for phase in PHASES))
-CONTROLLED_EXTRA = {"schemes": ("prune.scheme", "prune.linear_scheme")}
+# profile keys every experiment sets per run (the user sets them through the experiment's parameters instead);
+# prune.allocation is "uniform" (global_normalize false) in every run but those of `budgets`, which compares them
+CONTROLLED = ("model.width", "prune.ratio", "prune.layers", "prune.allocation", "prune.global_normalize", "run.init",
+              "run.name", "run.seed", "eval.final_attack", *(f"phases.{phase}.epochs" for phase in PHASES))
+CONTROLLED_EXTRA = {"schemes": ("prune.scheme", "prune.linear_scheme"),
+                    "budgets": ("prune.scheme", "prune.linear_scheme")}
 
 
 def preset_path(preset: str | Path) -> Path:
@@ -110,8 +113,9 @@ def profile_overrides(name: str, preset: dict, source: str, profile: Path, user_
         key = item.partition("=")[0].strip()
         if key in controlled or key.startswith("prune.layers."):
             raise ConfigError("--set", key, "a key the experiment does not set per run", "<a controlled key>",
-                              hint=f"{name} sets it for each run; change the experiment's parameters with "
-                                   f"--set exp.<name>=<value> ({', '.join(params)})")
+                              hint="every run's seed is one of exp.seeds: --set exp.seeds=[0,1,2]"
+                              if key == "run.seed" else f"{name} sets it for each run; change the experiment's "
+                              f"parameters with --set exp.<name>=<value> ({', '.join(params)})")
     load_profile(profile, user_overrides)
     return out + list(user_overrides)
 
@@ -130,6 +134,10 @@ def _check_params(name: str, p: dict, origin: Callable[[str], str]) -> None:
             raise bad(key, "at least two widths (pairs w_L > w_S are pruned)")
         return v
 
+    seeds = p.get("seeds")
+    if not isinstance(seeds, list) or not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0
+                                                       for x in seeds) or len(set(seeds)) != len(seeds):
+        raise bad("seeds", "a non-empty list of distinct integers >= 0")
     if p.get("final_attack") not in FINAL_ATTACKS:
         raise bad("final_attack", " or ".join(repr(a) for a in FINAL_ATTACKS))
     for key, v in p.items():
@@ -144,6 +152,22 @@ def _check_params(name: str, p: dict, origin: Callable[[str], str]) -> None:
         t = widths("targets")
         if any(x >= w for x in t):
             raise bad("targets", f"widths below width = {w}")
+    if name == "budgets":
+        w = p["width"]
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise bad("width", "an integer >= 1")
+        r = p["ratios"]
+        if not isinstance(r, list) or not r or any(isinstance(x, bool) or not isinstance(x, (int, float))
+                                                   or not 0 < x < 1 for x in r) or len(set(r)) != len(r):
+            raise bad("ratios", "a non-empty list of distinct overall sparsities in (0, 1)")
+        p["ratios"] = [float(x) for x in r]
+        a = p["allocations"]
+        if not isinstance(a, list) or any(x not in ALLOCATIONS for x in a) or len(set(a)) != len(a) \
+                or "uniform" not in a or len(a) < 2:
+            raise bad("allocations", "a list of distinct allocations among " + ", ".join(ALLOCATIONS)
+                      + " with 'uniform' and at least one other (the finding compares them with uniform)")
+        if not isinstance(p["global_normalize"], bool):
+            raise bad("global_normalize", "true or false")
     if name == "schemes":
         s = p["schemes"]
         if not isinstance(s, list) or not s or any(x not in SCHEMES for x in s) or len(set(s)) != len(s):

@@ -1,5 +1,6 @@
 """What results.json records besides the tables: the experiment's settings, seeds, attack settings and versions,
-and one record per run (role, status, final accuracies, sparsity, times, the sha256 of its resolved profile)."""
+the rules its verdicts follow, each side's training budget, and one record per run (role, seed, status, final
+accuracies, sparsity, times, ADMM convergence, the sha256 of its resolved profile)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import load_profile
 from ..rundir import atomic_write_text
+from . import convergence, stats
 from .presets import preset_path
 from .runs import RunResult
 from .tables import Table
@@ -27,7 +30,7 @@ def results_record(e: Experiment, title: str, results: dict, seconds: float) -> 
     for name, r in e.runs.items():
         text = (r.path / "profile.toml").read_text(encoding="utf-8")
         atomic_write_text(out / "profiles" / f"{name}.toml", text)
-        runs[name] = run_record(r, text, f"profiles/{name}.toml")
+        runs[name] = run_record(r, text, f"profiles/{name}.toml", e.convergence.get(name))
     cfg = e.cfg0
     init_files = sorted(str(p.relative_to(out)) for p in (out / "init").glob("*.pt")) if (out / "init").is_dir() else []
     results = {
@@ -39,8 +42,11 @@ def results_record(e: Experiment, title: str, results: dict, seconds: float) -> 
         "wall_seconds": round(seconds, 3),
         "train_seconds": round(sum(r["train_seconds"] for r in runs.values()), 3),
         "trained_this_call": sorted(n for n, r in e.runs.items() if r.status != "reused"),
-        "seeds": {"run.seed": e.seed, "init_files": init_files,
-                  "init": f"build_model(...) after torch.manual_seed({e.seed}), saved as a state_dict"},
+        "seeds": {"seeds": list(e.seeds), "init_files": init_files,
+                  "init": "build_model(...) after torch.manual_seed(seed), saved as a state_dict, for each seed"},
+        "rules": {"spread": stats.SPREAD, "verdict": stats.RULE, "convergence": convergence.RULE,
+                  "primal_converged": convergence.PRIMAL_CONVERGED},
+        "budgets": budgets(e),
         "data": {"name": cfg.data.name, "batch_size": cfg.data.batch_size, "train_subset": cfg.data.train_subset,
                  "final_eval_examples": sorted({r["n"] for r in runs.values() if r["n"] is not None})},
         "model": {"arch": cfg.model.arch},
@@ -92,12 +98,14 @@ def versions() -> dict:
     return v
 
 
-def run_record(r: RunResult, profile_text: str, profile: str) -> dict:
-    """A run's entry in results.json's ``runs``: its role, status, final accuracies, sparsity and times."""
+def run_record(r: RunResult, profile_text: str, profile: str, admm_end: dict | None = None) -> dict:
+    """A run's entry in results.json's ``runs``: its role, seed, status, final accuracies, sparsity, times and, for an
+    ADMM run, the end of its ADMM phase (:func:`.convergence.admm_end`)."""
     s = r.summary
     sp = s["sparsity"]
     return {
-        "role": r.spec.role, "status": r.status, "run_dir": str(r.path),
+        "role": r.spec.role, "base": r.spec.role["base"], "seed": r.spec.role["seed"], "status": r.status,
+        "run_dir": str(r.path),
         "profile": profile,
         "profile_sha256": hashlib.sha256(profile_text.encode()).hexdigest(),
         "nat_acc": s["final"]["nat_acc"], "adv_acc": s["final"]["adv_acc"], "n": s["final"]["n"],
@@ -108,4 +116,29 @@ def run_record(r: RunResult, profile_text: str, profile: str) -> dict:
         "sparsity": sp["prunable"], "total_params": sp["total_params"], "nonzero_params": sp["nonzero_params"],
         "train_seconds": round(sum(s.get("phase_seconds", {}).values()), 3),
         "wall_seconds_this_call": round(r.wall_seconds, 3),
+        "admm_end": admm_end,
     }
+
+
+def budgets(e: Experiment) -> list[dict]:
+    """Each side's training, one entry per run (its first seed's resolved profile; the seeds differ only in
+    run.seed): what it starts from, each phase's epochs and settings, the training attack and the final attack."""
+    out = []
+    for name, r in e.runs.items():
+        role = r.spec.role
+        if role["seed"] != e.seeds[0]:
+            continue
+        cfg = load_profile(r.path / "profile.toml")
+        phases = {}
+        for ph in ("pretrain", "admm", "retrain"):
+            pc = getattr(cfg.phases, ph)
+            phases[ph] = None if pc.epochs == 0 else {
+                "epochs": pc.epochs, "optimizer": pc.optimizer, "lr": pc.lr, "schedule": pc.schedule,
+                "eps_warmup": pc.eps_warmup, "weight_decay": pc.weight_decay}
+        a = cfg.attack.train
+        out.append({"run": role["base"], "kind": role.get("kind"), "from": role.get("from", ""), "phases": phases,
+                    "train_attack": "none" if a.kind == "none" else
+                    f"{a.kind} eps {a.eps:g}, {a.steps} x {a.step_size:g}",
+                    "final_attack": cfg.eval.final_attack,
+                    "autoattack_n": cfg.eval.autoattack_n if cfg.eval.final_attack == "autoattack" else None})
+    return out

@@ -1,6 +1,7 @@
-"""The :class:`Experiment`: its settings (base profile, preset, parameters), the run specs the experiments build
-their plans from, the execution of the plan one run after the other (reusing finished runs, resuming an unfinished
-one, stoppable with a checkpoint), and the report's record of how the numbers were made."""
+"""The :class:`Experiment`: its settings (base profile, preset, parameters, seeds), its plan (each experiment's
+runs once per seed of ``exp.seeds``, built with :class:`~.specs.Specs`), the execution of the plan one run after the
+other (reusing finished runs, resuming an unfinished one, stoppable with a checkpoint), and the report's record of
+how the numbers were made."""
 from __future__ import annotations
 
 import time
@@ -10,26 +11,27 @@ from typing import Callable, Sequence
 import torch
 
 from .. import data as data_mod
-from ..config import PHASES, Config, dump_toml, load_profile, toml_value
+from ..config import Config, dump_toml, load_profile
 from ..errors import UserError
-from ..models import build_model, prunable_parameters
-from ..rundir import RunDir, atomic_torch_save, safe_torch_load
-from . import lottery, schemes, scratch_vs_pruned, transfer, weight_dist
+from ..rundir import RunDir, safe_torch_load
+from . import budgets, convergence, lottery, schemes, scratch_vs_pruned, transfer, weight_dist
 from .presets import EXPERIMENTS, PARAM_PREFIX, experiment_params, hint, load_preset, preset_path, profile_overrides
 from .record import results_record
 from .runs import ExperimentStopped, RunResult, RunSpec, check_same_settings, read_json, remove_unstarted
+from .specs import Specs
 from .writers import write_report
 
 # each experiment's module: its TITLE, plan(e) -> [RunSpec] and report(e) -> tables, plots and extra results
 MODULES = {"weight-dist": weight_dist, "scratch-vs-pruned": scratch_vs_pruned, "lottery": lottery,
-           "transfer": transfer, "schemes": schemes}
+           "transfer": transfer, "schemes": schemes, "budgets": budgets}
 assert tuple(MODULES) == EXPERIMENTS
 
 Progress = Callable[[dict], None]
 
 
-class Experiment:
-    """One experiment: plan its runs, execute them (reusing and resuming), write the report. See the package doc."""
+class Experiment(Specs):
+    """One experiment: plan its runs (per seed), execute them (reusing and resuming), write the report. See the package
+    doc."""
 
     def __init__(self, name: str, profile: str | Path, *, out: str | Path | None = None, preset: str = "cpu",
                  overrides: Sequence[str] = (), progress: Progress | None = None,
@@ -54,104 +56,24 @@ class Experiment:
         self.params = experiment_params(name, self.preset, source, param_sets)
         self.profile_overrides = profile_overrides(name, self.preset, source, self.profile, self.user_overrides,
                                                    self.params)
-        # validate the base profile with every common override now: bad input fails before anything is written
-        # exp.final_attack decides, whatever the base profile says (an AutoAttack per run costs minutes on a CPU)
-        self.profile_overrides.append(f'eval.final_attack="{self.params["final_attack"]}"')
+        # validate the base profile with every common override now: bad input fails before anything is written.
+        # Every run sets run.seed (one of exp.seeds) and eval.final_attack (exp.final_attack for the runs a finding
+        # rests on, PGD for the others: an AutoAttack per run costs minutes on a CPU) itself.
         self.cfg0 = load_profile(self.profile, self.profile_overrides)
-        self.spec = data_mod.dataset_spec(self.cfg0.data.name)
-        self.seed = self.cfg0.run.seed
+        self.data_spec = data_mod.dataset_spec(self.cfg0.data.name)
+        self.seeds = list(self.params["seeds"])
         self._numels: dict[int, dict[str, int]] = {}
         self.runs: dict[str, RunResult] = {}
-        self.plan = MODULES[name].plan(self)
-        names = [r.name for r in self.plan]
-        assert len(names) == len(set(names)), names
+        self.convergence: dict[str, dict] = {}
         if not self.numels(1):
             raise UserError(f"{self.profile}: model {self.cfg0.model.arch} has no prunable layers")
-
-    # ------------------------------------------------------------------ model facts
-    def numels(self, width: int) -> dict[str, int]:
-        """Entries of every prunable weight of the experiment's architecture at ``width``."""
-        if width not in self._numels:
-            m = self.build(width)
-            self._numels[width] = {k: p.numel() for k, p in prunable_parameters(m).items()}
-        return self._numels[width]
-
-    def build(self, width: int) -> torch.nn.Module:
-        """A fresh model of the experiment's architecture at ``width``."""
-        c = self.cfg0
-        return build_model(c.model.arch, width, num_classes=self.spec.num_classes, in_channels=self.spec.in_channels,
-                           image_size=self.spec.image_size, depth=c.model.depth, source=str(self.profile))
-
-    def ratios(self, w_large: int, w_small: int) -> dict[str, float]:
-        """Per-layer ratios that prune the w_L model to exactly the parameter count of each layer at w_S:
-        1 - n_l(w_S) / n_l(w_L) (= 1 - (w_S/w_L)^2 for the inner layers, 1 - w_S/w_L for the first conv and the
-        last layer, whose input / output sizes do not scale with the width)."""
-        big, small = self.numels(w_large), self.numels(w_small)
-        return {k: 1.0 - small[k] / big[k] for k in big}
-
-    def last_layer(self) -> str:
-        return list(self.numels(1))[-1]
-
-    # ------------------------------------------------------------------ init files
-    def init_path(self, label: str) -> Path:
-        return self.out / "init" / f"{label}.pt"
-
-    def seeded_init(self, width: int) -> tuple[Path, Callable[[], None]]:
-        """The initial weights of a width: build_model under torch.manual_seed(run.seed), saved as a state_dict."""
-        path = self.init_path(f"{self.cfg0.model.arch}-w{width}-seed{self.seed}")
-
-        def make() -> None:
-            if path.exists():
-                return
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
-                m = self.build(width)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_torch_save(path, {k: v.detach().cpu() for k, v in m.state_dict().items()})
-
-        return path, make
-
-    def run_dir(self, name: str) -> Path:
-        return self.out / "runs" / name
-
-    # ------------------------------------------------------------------ run specs
-    def epochs(self, pretrain: int, admm: int, retrain: int) -> list[str]:
-        """The overrides that set the epochs of the three phases."""
-        return [f"phases.{phase}.epochs={n}" for phase, n in zip(PHASES, (pretrain, admm, retrain))]
-
-    def dense_large(self) -> RunSpec:
-        """The adversarially trained dense model at ``exp.width``, the one that experiments prune from."""
-        big = self.params["width"]
-        return self.dense(f"adv-w{big}", big, self.params["train_epochs"])
-
-    def dense(self, name: str, width: int, epochs: int, *, natural: bool = False, init: Path | None = None,
-              make_init: Callable[[], None] | None = None, role: dict | None = None) -> RunSpec:
-        """A dense model trained for ``epochs`` in the pretrain phase (adversarially, or naturally), from the
-        seeded initial weights of its width (or from ``init``)."""
-        if init is None:
-            init, make_init = self.seeded_init(width)
-        ov = [f"run.name={toml_value(name)}", f"model.width={width}", "prune.ratio=0", "prune.layers={}",
-              *self.epochs(epochs, 0, 0), f"run.init={toml_value(str(init))}"]
-        if natural:
-            ov.append('attack.train.kind="none"')
-        return RunSpec(name, ov, {"kind": "natural" if natural else "adversarial", "width": width, **(role or {})},
-                       make_init)
-
-    def pruned(self, name: str, w_large: int, w_small: int, source: str, *, admm: int, retrain: int,
-               scheme: str | None = None, linear: str = "irregular", role: dict | None = None) -> RunSpec:
-        """ADMM pruning with concurrent adversarial training from the trained dense w_L model ``source``, to the
-        parameter count of w_S, then hard prune and masked adversarial retraining."""
-        ratios = self.ratios(w_large, w_small)
-        ov = [f"run.name={toml_value(name)}", f"model.width={w_large}", "prune.ratio=0", "prune.layers={}",
-              *self.epochs(0, admm, retrain), f"run.init={toml_value(str(self.run_dir(source) / 'model.pt'))}"]
-        if scheme is not None:
-            ov += [f"prune.scheme={toml_value(scheme)}",
-                   f"prune.linear_scheme={toml_value(scheme if linear == 'match' else 'irregular')}"]
-            if linear == "match":  # filter-pruning the classifier would delete classes: it stays dense
-                ratios[self.last_layer()] = 0.0
-        ov += [f"prune.layers.{k}={r!r}" for k, r in ratios.items() if r > 0]
-        return RunSpec(name, ov, {"kind": "admm", "w_L": w_large, "w_S": w_small, "source": source,
-                                  "ratios": ratios, "scheme": scheme or self.cfg0.prune.scheme, **(role or {})})
+        self.plan: list[RunSpec] = []
+        for seed in self.seeds:  # all runs of the first seed, then the next: a longer seed list reuses the first ones
+            self.seed = seed
+            self.plan += MODULES[name].plan(self)
+        self.seed = self.seeds[0]
+        names = [r.name for r in self.plan]
+        assert len(names) == len(set(names)), names
 
     # ------------------------------------------------------------------ execution
     def stop(self) -> None:
@@ -180,6 +102,7 @@ class Experiment:
             self.runs[spec.name] = self._execute(i, spec)
         self.progress({"type": "report", "out": str(self.out)})
         results = MODULES[self.name].report(self)
+        self.convergence = convergence.annotate(self, results.get("tables", []))
         record = results_record(self, MODULES[self.name].TITLE, results, time.time() - t0)
         results = write_report(self.out, record, figures=self.figures)
         self.progress({"type": "done", "out": str(self.out), "report": str(self.out / "report.md"),

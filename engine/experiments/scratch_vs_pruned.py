@@ -7,10 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import toml_value
 from ..errors import UserError
 from ..rundir import atomic_torch_save, safe_torch_load
 from .runs import RunSpec
-from .tables import Table, adv, nat, pair, plural, prune_note, pstr
+from .specs import UNIFORM
+from .stats import Comparison, cell, mean, robust, values
+from .tables import Table, plural, prune_note
 
 if TYPE_CHECKING:
     from .runner import Experiment
@@ -23,27 +26,37 @@ def plan(e: Experiment) -> list[RunSpec]:
     ws = sorted(p["widths"])
     runs = []
     for w in ws:
-        runs.append(e.dense(f"natural-w{w}", w, p["natural_epochs"], natural=True, role={"case": "a"}))
-        runs.append(e.dense(f"adv-w{w}", w, p["train_epochs"], role={"case": "b"}))
+        runs.append(e.dense(f"natural-w{w}", w, p["natural_epochs"], natural=True, role={"case": "a"},
+                            compared=False))
+        # (b) at the largest width is only pruned from, never compared: no AutoAttack for it
+        runs.append(e.dense(f"adv-w{w}", w, p["train_epochs"], role={"case": "b"}, compared=w != ws[-1]))
     for big in ws:
         for small in [s for s in ws if s < big]:
             runs.append(e.pruned(f"admm-w{big}-to-w{small}", big, small, f"adv-w{big}", admm=p["admm_epochs"],
                                  retrain=p["retrain_epochs"], role={"case": "c"}))
-            runs.append(_inherit(e, big, small, p["inherit_epochs"]))
+            runs.append(_inherit(e, big, small))
     return runs
 
 
-def _inherit(e: Experiment, big: int, small: int, epochs: int) -> RunSpec:
-    path = e.init_path(f"inherit-w{big}-to-w{small}")
-    source = e.run_dir(f"adv-w{big}") / "model.pt"
+def _inherit(e: Experiment, big: int, small: int) -> RunSpec:
+    """(d): the trained w_L model's weights sliced to w_S, then the same training (c) gets after the dense model: the
+    ADMM phase's settings for exp.admm_epochs (in the pretrain phase, without ADMM), then the retraining phase's for
+    exp.retrain_epochs (nothing to mask)."""
+    p = e.params
+    base = f"inherit-w{big}-to-w{small}"
+    path = e.init_path(e.run_name(base))
+    source = e.run_dir(e.run_name(f"adv-w{big}")) / "model.pt"
 
     def make() -> None:
         sd = sliced_state(safe_torch_load(source), e.build(small))
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(path, sd)
 
-    return e.dense(f"inherit-w{big}-to-w{small}", small, epochs, init=path, make_init=make,
-                   role={"case": "d", "kind": "inherited", "w_L": big, "w_S": small, "source": f"adv-w{big}"})
+    ov = [f"model.width={small}", "prune.ratio=0", "prune.layers={}", *UNIFORM,
+          *e.epochs(p["admm_epochs"], 0, p["retrain_epochs"]), f"run.init={toml_value(str(path))}",
+          *e.same_phase("admm", "pretrain")]
+    return e.run_spec(base, ov, {"case": "d", "kind": "inherited", "width": small, "w_L": big, "w_S": small,
+                                 "source": f"adv-w{big}", "from": f"trained adv-w{big}, sliced"}, make)
 
 
 def sliced_state(big: dict[str, torch.Tensor], small_model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -69,53 +82,48 @@ def report(e: Experiment) -> dict:
                          "count of w_S with concurrent adversarial training", "w",
                ["natural training", "adv training", *[f"->{s}" for s in targets]], [])
     for w in ws:
-        cells = [pair(e.runs[f"natural-w{w}"]), pair(e.runs[f"adv-w{w}"])]
-        cells += [pair(e.runs[f"admm-w{w}-to-w{s}"]) if s < w else None for s in targets]
+        cells = [cell(e, f"natural-w{w}"), cell(e, f"adv-w{w}")]
+        cells += [cell(e, f"admm-w{w}-to-w{s}") if s < w else None for s in targets]
         t2.rows.append({"label": str(w), "cells": cells})
     pairs = [(big, small) for big in ws for small in ws if small < big]
+    bases = [f"adv-w{s}" for s in targets] + [f"{k}-w{b}-to-w{s}" for b, s in pairs for k in ("admm", "inherit")]
+    metric, acc = robust(e, bases)
     t2.claim = ("a small model trained adversarially from scratch is worse than the same parameter count reached by "
                 "pruning a larger adversarially trained model with ADMM: (c) pruned w_L->w_S beats (b) adversarial "
-                "training at w_S in PGD accuracy for every pair")
-    bad = [(b, s) for b, s in pairs if not adv(e, f"admm-w{b}-to-w{s}") > adv(e, f"adv-w{s}")]
-    t2.held = not bad
-    t2.detail = (("pruned beats scratch in PGD accuracy for every pair: "
-                  + ", ".join(f"{b}->{s} {pstr(adv(e, f'admm-w{b}-to-w{s}'))} vs {pstr(adv(e, f'adv-w{s}'))}"
-                              for b, s in pairs)) if not bad else
-                 "scratch training at w_S is as good or better for "
-                 + ", ".join(f"{b}->{s} (pruned {pstr(adv(e, f'admm-w{b}-to-w{s}'))} vs scratch "
-                             f"{pstr(adv(e, f'adv-w{s}'))} PGD)" for b, s in bad)
-                 + (f"; pruned wins for {len(pairs) - len(bad)} of {len(pairs)} pairs" if len(bad) < len(pairs) else ""))
-    t2.note = prune_note(e, ws[-1], ws[0])
+                f"training at w_S in {metric} accuracy for every pair")
+    t2.decide([(Comparison(f"{b}->{s}", "pruned", acc[f"admm-w{b}-to-w{s}"], "scratch", acc[f"adv-w{s}"], metric), +1)
+               for b, s in pairs])
+    t2.note = (prune_note(e, ws[-1], ws[0]) + " Budgets (the paper's protocol): (b) trains w_S from its initial "
+               "weights as long as the dense w_L model that (c) starts from was trained; (c) adds its ADMM and "
+               "retraining epochs.")
     cmp_ = Table("cases", "The four ways to get a w_S model, natural / PGD accuracy (%): (a) natural training at w_S, "
                           "(b) adversarial training at w_S from scratch, (c) ADMM-pruned from w_L with concurrent "
                           "adversarial training, (d) adversarial training at w_S from w_L's inherited weights",
                  "w_L->w_S", ["(a) natural", "(b) adv scratch", "(c) ADMM pruned", "(d) inherited"], [])
     for b, s in pairs:
         cmp_.rows.append({"label": f"{b}->{s}", "cells": [
-            pair(e.runs[f"natural-w{s}"]), pair(e.runs[f"adv-w{s}"]), pair(e.runs[f"admm-w{b}-to-w{s}"]),
-            pair(e.runs[f"inherit-w{b}-to-w{s}"])]})
+            cell(e, f"natural-w{s}"), cell(e, f"adv-w{s}"), cell(e, f"admm-w{b}-to-w{s}"),
+            cell(e, f"inherit-w{b}-to-w{s}")]})
     cmp_.claim = ("concurrent ADMM pruning of the large model is the better way to a small robust model, also "
-                  "against a small model that inherits the large model's weights: (c) >= (d) in PGD accuracy for "
-                  "every pair (robprune's own comparison: the paper gives no number for it)")
-    bad = [(b, s) for b, s in pairs if not adv(e, f"admm-w{b}-to-w{s}") >= adv(e, f"inherit-w{b}-to-w{s}")]
-    cmp_.held = not bad
-    cmp_.detail = (("ADMM pruning is at least as robust as inherited-weight training for every pair: "
-                    + ", ".join(f"{b}->{s} {pstr(adv(e, f'admm-w{b}-to-w{s}'))} vs "
-                                f"{pstr(adv(e, f'inherit-w{b}-to-w{s}'))}" for b, s in pairs)) if not bad else
-                   "inherited-weight training is more robust for "
-                   + ", ".join(f"{b}->{s} ({pstr(adv(e, f'inherit-w{b}-to-w{s}'))} vs ADMM "
-                               f"{pstr(adv(e, f'admm-w{b}-to-w{s}'))} PGD)" for b, s in bad))
+                  "against a small model that inherits the large model's weights: (c) beats (d) in "
+                  f"{metric} accuracy for every pair (robprune's own comparison: the paper gives no number for it)")
+    cmp_.decide([(Comparison(f"{b}->{s}", "ADMM", acc[f"admm-w{b}-to-w{s}"], "inherited",
+                             acc[f"inherit-w{b}-to-w{s}"], metric), +1) for b, s in pairs])
+    p = e.params
     cmp_.note = ("(d) starts from the trained w_L model's weights sliced to w_S: the first output channels / units "
-                 "and the first input channels of every layer (w_L[:n_out, :n_in, ...]), then adversarial training "
-                 f"for {plural(e.params['inherit_epochs'], 'epoch')} with the settings of (b).")
-    plots = [{"file": "pgd_by_pair.png", "kind": "bar", "title": "PGD accuracy of the w_S models",
-              "x": [f"{b}->{s}" for b, s in pairs],
-              "series": {"(b) scratch": [100 * adv(e, f"adv-w{s}") for b, s in pairs],
-                         "(c) ADMM pruned": [100 * adv(e, f"admm-w{b}-to-w{s}") for b, s in pairs],
-                         "(d) inherited": [100 * adv(e, f"inherit-w{b}-to-w{s}") for b, s in pairs]},
-              "xlabel": "w_L -> w_S", "ylabel": "PGD accuracy %"},
+                 "and the first input channels of every layer (w_L[:n_out, :n_in, ...]). Equal budgets: after the "
+                 f"trained w_L model, (c) and (d) get the same training, {plural(p['admm_epochs'], 'epoch')} with the "
+                 f"ADMM phase's settings (for (d) without ADMM) then {plural(p['retrain_epochs'], 'epoch')} with the "
+                 "retraining phase's (for (d) without a mask).")
+    x = [f"{b}->{s}" for b, s in pairs]
+    plots = [{"file": "pgd_by_pair.png", "kind": "bar", "title": f"{metric} accuracy of the w_S models (mean over "
+                                                                 f"{plural(len(e.seeds), 'seed')})", "x": x,
+              "series": {"(b) scratch": [100 * mean(acc[f"adv-w{s}"]) for b, s in pairs],
+                         "(c) ADMM pruned": [100 * mean(acc[f"admm-w{b}-to-w{s}"]) for b, s in pairs],
+                         "(d) inherited": [100 * mean(acc[f"inherit-w{b}-to-w{s}"]) for b, s in pairs]},
+              "xlabel": "w_L -> w_S", "ylabel": f"{metric} accuracy %"},
              {"file": "adv_training_by_width.png", "kind": "line", "title": "adversarial training from scratch",
-              "x": ws, "series": {"natural": [100 * nat(e, f"adv-w{w}") for w in ws],
-                                  "PGD": [100 * adv(e, f"adv-w{w}") for w in ws]},
+              "x": ws, "series": {"natural": [100 * mean(values(e, f"adv-w{w}", "nat")) for w in ws],
+                                  "PGD": [100 * mean(values(e, f"adv-w{w}", "adv")) for w in ws]},
               "xlabel": "width w", "ylabel": "accuracy %"}]
     return {"tables": [t2, cmp_], "plots": plots}

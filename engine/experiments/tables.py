@@ -1,14 +1,19 @@
-"""What every experiment's report is made of: the :class:`Table` (with the paper's finding and whether it held), its
-cells ("nat/adv %" pairs, "nat/adv/AutoAttack %" triples with exp.final_attack = "autoattack", values, text) and the
-small helpers the experiments' reports share (accuracies of a run, percent text, pruning-ratio labels and notes)."""
+"""What every experiment's report is made of: the :class:`Table` (with the paper's finding and whether it held on
+this run's seeds, decided by :mod:`.stats`' rule) and the small text helpers the experiments' reports share
+(percent text, pruning-ratio labels and notes). The cells themselves are built in :mod:`.stats`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+from .stats import HELD, INCONCLUSIVE, NOT_HELD, RULE, Comparison, cell_text, explain, pct, verdict
 
 if TYPE_CHECKING:
     from .runner import Experiment
-    from .runs import RunResult
+
+__all__ = ["Table", "cell_text", "finding_sentence", "pct", "plural", "prune_note", "pstr", "ratio_label"]
+
+SENTENCE_START = {HELD: "Held", NOT_HELD: "Did not hold", INCONCLUSIVE: "Inconclusive at this budget"}
 
 
 @dataclass
@@ -19,61 +24,35 @@ class Table:
     columns: list[str]
     rows: list[dict]  # {"label": str, "cells": [cell | None]}
     claim: str = ""
-    held: bool | None = None
+    held: bool | None = None  # True: held, False: did not hold, None: inconclusive (or not checked)
     detail: str = ""
     note: str = ""
+    verdict: str = ""  # stats.HELD / NOT_HELD / INCONCLUSIVE; "" when not checked
+    checks: list = field(default_factory=list)  # [(Comparison, wanted outcome)]
+    warnings: list[str] = field(default_factory=list)
+    uses: list[str] = field(default_factory=list)  # runs (base names) the table rests on besides its cells'
+
+    def decide(self, checks: Sequence[tuple[Comparison, int]], extra: str = "") -> None:
+        """Set the verdict from the comparisons the finding rests on (each with the outcome it wants, +1 or -1);
+        ``extra`` ends the sentence."""
+        self.checks = list(checks)
+        self.verdict = verdict(self.checks)
+        self.held = {HELD: True, NOT_HELD: False}.get(self.verdict)
+        self.detail = explain(self.checks, extra)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "title": self.title, "corner": self.corner, "columns": self.columns, "rows": self.rows,
-                "finding": {"claim": self.claim, "held": self.held, "detail": self.detail,
-                            "sentence": finding_sentence(self)}, "note": self.note}
+                "finding": {"claim": self.claim, "held": self.held, "verdict": self.verdict,
+                            "rule": RULE if self.verdict else "", "detail": self.detail,
+                            "sentence": finding_sentence(self),
+                            "comparisons": [{**c.to_dict(), "wanted": w} for c, w in self.checks]},
+                "note": self.note, "warnings": self.warnings}
 
 
 def finding_sentence(t: Table) -> str:
-    if t.held is None:
+    if not t.verdict:
         return f"Not checked: {t.detail}" if t.detail else ""
-    return f"{'Held' if t.held else 'Did not hold'}: {t.detail}"
-
-
-def pct(x: float | None) -> float | None:
-    return None if x is None else round(100.0 * float(x), 2)
-
-
-def pair(run: RunResult | None) -> dict | None:
-    """A table cell "nat/adv %" from a run's final evaluation (the raw fractions stay in results.json's runs)."""
-    if run is None:
-        return None
-    f = run.summary["final"]
-    aa = f.get("autoattack")
-    return {"nat": pct(f["nat_acc"]), "adv": pct(f["adv_acc"]), **({"aa": pct(aa["robust_acc"])} if aa else {}),
-            "run": run.spec.name}
-
-
-def cell_text(c: dict | None) -> str:
-    if c is None:
-        return ""
-    if "nat" in c:
-        return f"{c['nat']:.2f}/{c['adv']:.2f}" + (f"/{c['aa']:.2f}" if c.get("aa") is not None else "")
-    if "value" in c:
-        s = f"{c['value']:.2f}"
-        return f"**{s}**" if c.get("mark") else s
-    return str(c.get("text", ""))
-
-
-def adv(e: Experiment, name: str) -> float:
-    """The PGD accuracy (a fraction) of run ``name``'s final evaluation."""
-    return e.runs[name].summary["final"]["adv_acc"]
-
-
-def autoattack(e: Experiment, name: str) -> float | None:
-    """The AutoAttack robust accuracy (a fraction) of run ``name``'s final evaluation, when it ran one."""
-    aa = e.runs[name].summary["final"].get("autoattack")
-    return None if not aa else aa["robust_acc"]
-
-
-def nat(e: Experiment, name: str) -> float:
-    """The natural accuracy (a fraction) of run ``name``'s final evaluation."""
-    return e.runs[name].summary["final"]["nat_acc"]
+    return f"{SENTENCE_START[t.verdict]}: {t.detail}"
 
 
 def plural(k: int, word: str) -> str:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .runs import RunSpec
-from .tables import Table, adv, nat, pair, pct, pstr
+from .stats import Comparison, cell, mean, robust, value_cell, values
+from .tables import Table
 
 if TYPE_CHECKING:
     from .runner import Experiment
@@ -20,8 +21,8 @@ TITLE = "Weight distributions of natural vs adversarial training (Fig. 1)"
 def plan(e: Experiment) -> list[RunSpec]:
     p = e.params
     runs = []
-    for w in sorted(p["widths"]):
-        runs.append(e.dense(f"natural-w{w}", w, p["natural_epochs"], natural=True))
+    for w in sorted(p["widths"]):  # equal budgets: both trainings get exp.train_epochs with the same settings
+        runs.append(e.dense(f"natural-w{w}", w, p["train_epochs"], natural=True))
         runs.append(e.dense(f"adv-w{w}", w, p["train_epochs"]))
     return runs
 
@@ -44,49 +45,48 @@ def report(e: Experiment) -> dict:
     p = e.params
     ws = sorted(p["widths"])
     stats = {}
-    names = None
     for w in ws:
         names = list(e.numels(w))
         for kind in ("natural", "adv"):
-            stats[f"{kind}-w{w}"] = weight_stats(e.state(f"{kind}-w{w}"), names, p["near_zero"])
+            stats[f"{kind}-w{w}"] = [weight_stats(e.state(e.run_name(f"{kind}-w{w}", seed)), names, p["near_zero"])
+                                     for seed in e.seeds]
     acc = Table("accuracy", "Natural / PGD accuracy (%) after natural and adversarial training", "width",
                 ["natural training", "adversarial training"],
-                [{"label": f"w={w}", "cells": [pair(e.runs[f"natural-w{w}"]), pair(e.runs[f"adv-w{w}"])]} for w in ws])
-    acc.claim = ("adversarial training buys PGD accuracy at the cost of natural accuracy: at every width the "
-                 "adversarially trained model has the higher PGD accuracy and the naturally trained one the higher "
-                 "natural accuracy")
-    bad = [w for w in ws if not (adv(e, f"adv-w{w}") > adv(e, f"natural-w{w}")
-                                 and nat(e, f"natural-w{w}") >= nat(e, f"adv-w{w}"))]
-    acc.held = not bad
-    acc.detail = (f"at every width ({', '.join(map(str, ws))}) adversarial training has the higher PGD accuracy and "
-                  f"natural training the higher natural accuracy" if not bad else
-                  "not at width " + ", ".join(f"{w} (PGD {pstr(adv(e, f'adv-w{w}'))} adversarial vs "
-                                              f"{pstr(adv(e, f'natural-w{w}'))} natural; natural acc "
-                                              f"{pstr(nat(e, f'natural-w{w}'))} vs {pstr(nat(e, f'adv-w{w}'))})"
-                                              for w in bad))
+                [{"label": f"w={w}", "cells": [cell(e, f"natural-w{w}"), cell(e, f"adv-w{w}")]} for w in ws])
+    metric, rob = robust(e, [f"{k}-w{w}" for w in ws for k in ("natural", "adv")])
+    acc.claim = ("adversarial training buys robustness at the cost of natural accuracy: at every width the "
+                 f"adversarially trained model has the higher {metric} accuracy and the naturally trained one the "
+                 "higher natural accuracy")
+    checks = []
+    for w in ws:
+        checks.append((Comparison(f"w={w}", "adversarial", rob[f"adv-w{w}"], "natural", rob[f"natural-w{w}"],
+                                  metric), +1))
+        checks.append((Comparison(f"w={w}", "natural", values(e, f"natural-w{w}", "nat"), "adversarial",
+                                  values(e, f"adv-w{w}", "nat"), "natural accuracy"), +1))
+    acc.decide(checks)
     dist = Table("weights", f"Share of near-zero weights (%, |w| <= {p['near_zero']:g} x max |w| of the layer) and "
                             "standard deviation of the prunable weights", "width",
-                 ["near-zero, natural", "near-zero, adversarial", "std, natural", "std, adversarial"], [])
+                 ["near-zero, natural", "near-zero, adversarial", "std, natural", "std, adversarial"], [],
+                 uses=[f"{k}-w{w}" for w in ws for k in ("natural", "adv")])
+
+    def seeds_of(run: str, key: str) -> list[float]:
+        return [s[key] for s in stats[run]]
+
     for w in ws:
-        n, a = stats[f"natural-w{w}"], stats[f"adv-w{w}"]
+        n, a = f"natural-w{w}", f"adv-w{w}"
         dist.rows.append({"label": f"w={w}", "cells": [
-            {"value": pct(n["near_zero"]), "raw": n["near_zero"]}, {"value": pct(a["near_zero"]), "raw": a["near_zero"]},
-            {"value": round(n["std"], 4), "raw": n["std"], "digits": 4},
-            {"value": round(a["std"], 4), "raw": a["std"], "digits": 4}]})
+            value_cell(seeds_of(n, "near_zero")), value_cell(seeds_of(a, "near_zero")),
+            value_cell(seeds_of(n, "std"), percent=False, digits=4),
+            value_cell(seeds_of(a, "std"), percent=False, digits=4)]})
     dist.claim = ("naturally trained weights pile up at zero while adversarially trained weights spread wider "
                   "(less sparse): the natural model has the larger share of near-zero weights at every width")
-    bad = [w for w in ws if not stats[f"natural-w{w}"]["near_zero"] > stats[f"adv-w{w}"]["near_zero"]]
-    dist.held = not bad
-    dist.detail = ("the naturally trained model has more near-zero weights at every width ("
-                   + ", ".join(f"w={w}: {100 * stats[f'natural-w{w}']['near_zero']:.2f}% vs "
-                               f"{100 * stats[f'adv-w{w}']['near_zero']:.2f}%" for w in ws) + ")") if not bad else (
-        "the adversarially trained model has as many or more near-zero weights at width "
-        + ", ".join(f"{w} ({100 * stats[f'natural-w{w}']['near_zero']:.2f}% natural vs "
-                    f"{100 * stats[f'adv-w{w}']['near_zero']:.2f}% adversarial)" for w in bad))
-    # histograms: shared bins per width, density per bin
+    dist.decide([(Comparison(f"w={w}", "natural", seeds_of(f"natural-w{w}", "near_zero"), "adversarial",
+                             seeds_of(f"adv-w{w}", "near_zero"), "near-zero share"), +1) for w in ws])
+    # histograms: shared bins per width, density per bin, every seed's weights pooled
     plots = []
     for w in ws:
-        n, a = stats[f"natural-w{w}"]["values"], stats[f"adv-w{w}"]["values"]
+        n = torch.cat([s["values"] for s in stats[f"natural-w{w}"]])
+        a = torch.cat([s["values"] for s in stats[f"adv-w{w}"]])
         both = torch.cat([n, a]).abs()
         lim = float(both.kthvalue(max(1, math.ceil(0.999 * both.numel()))).values) or 1.0
         bins = int(p["bins"])
@@ -98,14 +98,18 @@ def report(e: Experiment) -> dict:
             series[label] = [round(float(x), 6) for x in (h / max(v.numel(), 1))]
         plots.append({"file": f"weights_w{w}.png", "kind": "hist", "title": f"prunable weights, width {w}",
                       "x": centers, "series": series, "xlabel": "weight value", "ylabel": "share of weights"})
-    plots.append({"file": "accuracy.png", "kind": "line", "title": "accuracy vs width", "x": ws,
-                  "series": {"natural training, PGD": [100 * adv(e, f"natural-w{w}") for w in ws],
-                             "adversarial training, PGD": [100 * adv(e, f"adv-w{w}") for w in ws],
-                             "natural training, natural": [100 * nat(e, f"natural-w{w}") for w in ws],
-                             "adversarial training, natural": [100 * nat(e, f"adv-w{w}") for w in ws]},
+    plots.append({"file": "accuracy.png", "kind": "line", "title": "accuracy vs width (mean over seeds)", "x": ws,
+                  "series": {f"natural training, {metric}": [100 * mean(rob[f"natural-w{w}"]) for w in ws],
+                             f"adversarial training, {metric}": [100 * mean(rob[f"adv-w{w}"]) for w in ws],
+                             "natural training, natural": [100 * mean(values(e, f"natural-w{w}", "nat")) for w in ws],
+                             "adversarial training, natural": [100 * mean(values(e, f"adv-w{w}", "nat"))
+                                                               for w in ws]},
                   "xlabel": "width w", "ylabel": "accuracy %"})
-    weights = {k: {kk: vv for kk, vv in s.items() if kk != "values"} for k, s in stats.items()}
+    weights = {e.run_name(k, seed): {kk: vv for kk, vv in s.items() if kk != "values"}
+               for k, per in stats.items() for seed, s in zip(e.seeds, per)}
     return {"tables": [acc, dist], "plots": plots, "weights": weights,
             "notes": [f"Weights are all prunable weights (conv and linear) of each model; 'near zero' means |w| <= "
-                      f"{p['near_zero']:g} times the largest |w| of its layer. The paper's Fig. 1 uses VGG-16 on "
-                      f"CIFAR-10; this run uses {e.cfg0.model.arch} on {e.cfg0.data.name}."]}
+                      f"{p['near_zero']:g} times the largest |w| of its layer; the histograms pool every seed's "
+                      f"weights. Equal budgets: natural and adversarial training get the same epochs and settings "
+                      f"(exp.train_epochs), but for the attack. The paper's Fig. 1 uses VGG-16 on CIFAR-10; this run "
+                      f"uses {e.cfg0.model.arch} on {e.cfg0.data.name}."]}

@@ -1,7 +1,7 @@
-"""Writing an experiment's report files in OUT: report.md (the tables, findings and how the numbers were made),
-results.json, results.csv (one line per table cell), runs.csv (one line per run) and the PNG figures. The figures
-need matplotlib (``pip install 'robprune[plots]'``); without it the same report is written without them and
-report.md says so."""
+"""Writing an experiment's report files in OUT: report.md (the tables, findings, warnings and how the numbers were
+made, with each side's training budget and each run's row), results.json, results.csv (one line per table cell and
+seed), runs.csv (one line per run) and the PNG figures (:mod:`.figures`). The figures need matplotlib (``pip install
+'robprune[plots]'``); without it the same report is written without them and report.md says so."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 
 from ..config import toml_value
-from ..rundir import atomic_write_bytes, atomic_write_text
-from .tables import cell_text, pstr
+from ..rundir import atomic_write_text
+from .figures import write_figures
+from .stats import cell_text
+from .tables import pstr
 
 FIGURES_SKIPPED = "Figures skipped: matplotlib is not installed; `pip install 'robprune[plots]'` adds them."
 
@@ -47,18 +49,12 @@ def table_markdown(t: dict) -> list[str]:
     lines = [f"<!-- table: {t['id']} -->", f"| {t['corner']} | " + " | ".join(t["columns"]) + " |",
              "|" + "---|" * (len(t["columns"]) + 1)]
     for r in t["rows"]:
-        lines.append(f"| {r['label']} | " + " | ".join(_cell_md(c) for c in r["cells"]) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(cell_text(c) for c in r["cells"]) + " |")
     return lines
 
 
-def _cell_md(c: dict | None) -> str:
-    if c is not None and "value" in c and c.get("digits"):
-        s = f"{c['value']:.{c['digits']}f}"
-        return f"**{s}**" if c.get("mark") else s
-    return cell_text(c)
-
-
 def report_markdown(r: dict) -> str:
+    seeds = r["seeds"]["seeds"]
     L = [f"# {r['title']}", "",
          f"`robprune experiment {r['experiment']} {r['base_profile']} --preset {r['preset']}"
          + "".join(f" --set {o}" for o in [*r["overrides"], *r["param_overrides"]])
@@ -67,8 +63,14 @@ def report_markdown(r: dict) -> str:
          f"Accuracies are natural/PGD % on {', '.join(map(str, r['data']['final_eval_examples']))} test examples "
          f"(PGD eps {r['attack']['eval']['eps']:g}, step {r['attack']['eval']['step_size']:g}, "
          f"{r['attack']['eval']['steps']} steps, {r['attack']['eval']['restarts']} restart(s))"
-         + (f"; a third number is AutoAttack's robust accuracy ({r['autoattack']})" if r.get("autoattack") else "")
-         + ".", ""]
+         + (f"; a third number is AutoAttack's robust accuracy ({r['autoattack']}), for the runs whose numbers the "
+            f"findings compare" if r.get("autoattack") else "") + ".", "",
+         (f"Every run was trained once per seed ({', '.join(map(str, seeds))}), each from its own initial weights; a "
+          f"number is the mean over the {len(seeds)} seeds, in brackets its {r['rules']['spread']} range over seeds."
+          if len(seeds) > 1 else f"Every run was trained with one seed ({seeds[0]}): there is no spread, and no "
+          "finding is decided."), "",
+         f"Verdicts: {r['rules']['verdict']}. They use the strongest robust accuracy every compared run has "
+         "(AutoAttack when it ran, else PGD).", ""]
     for i, t in enumerate(r["tables"], 1):
         L += [f"## Table {i}: {t['title']}", ""]
         L += table_markdown(t)
@@ -76,6 +78,8 @@ def report_markdown(r: dict) -> str:
         f = t["finding"]
         if f["claim"]:
             L += [f"**The paper's finding:** {f['claim']}.", "", f"**On this run:** {f['sentence']}.", ""]
+        for w in t.get("warnings", []):
+            L += [f"**{w}**", ""]
         if t.get("note"):
             L += [t["note"], ""]
     for note in r.get("notes", []):
@@ -88,26 +92,60 @@ def report_markdown(r: dict) -> str:
           f"- base profile: `{r['base_profile']}`; preset `{r['preset']}` (`{r['preset_file']}`); "
           f"--set: {', '.join(f'`{o}`' for o in r['overrides']) or 'none'}",
           "- experiment parameters: " + ", ".join(f"{k} = {toml_value(v)}" for k, v in r["params"].items()),
-          f"- seed: run.seed = {r['seeds']['run.seed']} for every run; initial weights: {r['seeds']['init']} "
-          f"({', '.join(r['seeds']['init_files']) or 'none'})",
+          f"- seeds: {', '.join(map(str, seeds))} (run.seed of every run of that seed; run `<name>-s<seed>`); "
+          f"initial weights: {r['seeds']['init']} ({', '.join(r['seeds']['init_files']) or 'none'})",
           "- training attack: " + _attack_text(r["attack"]["train"]) + "; evaluation attack: "
           + _attack_text(r["attack"]["eval"]),
+          f"- ADMM convergence: {r['rules']['convergence']}; each ADMM run's row below gives its mean primal residual "
+          "and its natural/PGD accuracy just before the hard prune (the ADMM phase's last evaluation)",
           "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
           f"- time: {r['wall_seconds']:.0f} s for this invocation; the runs' training phases took "
           f"{r['train_seconds']:.0f} s in all; trained (or resumed) in this invocation: "
           f"{', '.join(r['trained_this_call']) or 'none (all reused)'}",
-          "- raw numbers: `results.json` (these tables are rendered from its `tables`), `results.csv` (one line per "
-          "table cell), `runs.csv` (one line per run)", "",
-          "| run | what | natural % | PGD % | AutoAttack % | sparsity % | nonzero / prunable | train s | profile |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "- raw numbers: `results.json` (these tables are rendered from its `tables`; every seed's numbers are in its "
+          "`runs`), `results.csv` (one line per table cell and seed), `runs.csv` (one line per run)", ""]
+    L += budget_markdown(r["budgets"])
+    L += ["### Runs", "",
+          "| run | seed | what | natural % | PGD % | AutoAttack % | sparsity % | nonzero / prunable | ADMM primal "
+          "residual | before hard prune nat/PGD % | train s | profile |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in r["runs"].items():
         role = run["role"]
-        what = ", ".join(f"{k} {v}" for k, v in role.items() if k not in ("ratios", "init", "source", "mask_of"))
+        what = ", ".join(f"{k} {v}" for k, v in role.items()
+                         if k not in ("ratios", "init", "source", "mask_of", "base", "seed", "from", "compared"))
         aa = "n/a" if run.get("aa_acc") is None else pstr(run["aa_acc"])
-        L.append(f"| {name} | {what} | {pstr(run['nat_acc'])} | {pstr(run['adv_acc'])} | {aa} | {100 * run['sparsity']:.2f} | "
-                 f"{run['prunable_nonzero']} / {run['prunable_params']} | {run['train_seconds']:.0f} | "
-                 f"[{run['profile']}]({run['profile']}) |")
+        end = run.get("admm_end")
+        primal = before = ""
+        if end:
+            primal = f"{end['primal_mean']:.3f}" + ("" if end["converged"] else " (not converged)")
+            b = end.get("before_hard_prune")
+            before = "" if not b or b.get("nat_acc") is None else \
+                f"{pstr(b['nat_acc'])}/{pstr(b['adv_acc'])} (n {b['n']})"
+        L.append(f"| {name} | {run['seed']} | {what} | {pstr(run['nat_acc'])} | {pstr(run['adv_acc'])} | {aa} | "
+                 f"{100 * run['sparsity']:.2f} | {run['prunable_nonzero']} / {run['prunable_params']} | {primal} | "
+                 f"{before} | {run['train_seconds']:.0f} | [{run['profile']}]({run['profile']}) |")
     return "\n".join(L) + "\n"
+
+
+def budget_markdown(budgets: list[dict]) -> list[str]:
+    """The budget table: one row per run (the same for every seed), each phase's epochs and settings."""
+    L = ["### Training budgets", "",
+         "Each side's training, the same on every seed. A phase is `epochs x optimizer lr, schedule, eps warm-up "
+         "epochs`; the masked training of a pruned model (and of a lottery ticket) is its retraining phase.", "",
+         "| run | starts from | dense training (pretrain) | ADMM | masked training (retrain) | training attack | "
+         "final evaluation |", "|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        ph = [_phase_text(b["phases"][k]) for k in ("pretrain", "admm", "retrain")]
+        final = "PGD" + (f" + AutoAttack (n {b['autoattack_n']})" if b["final_attack"] == "autoattack" else "")
+        L.append(f"| {b['run']} | {b['from']} | {ph[0]} | {ph[1]} | {ph[2]} | {b['train_attack']} | {final} |")
+    return L + [""]
+
+
+def _phase_text(pc: dict | None) -> str:
+    if not pc:
+        return "-"
+    return (f"{pc['epochs']} x {pc['optimizer']} {pc['lr']:g}, {pc['schedule']}"
+            + (f", warm-up {pc['eps_warmup']}" if pc["eps_warmup"] else ""))
 
 
 def _attack_text(a: dict) -> str:
@@ -117,100 +155,42 @@ def _attack_text(a: dict) -> str:
 
 
 def results_csv(r: dict) -> str:
+    """One line per table cell and seed, with that seed's raw numbers (fractions, or the cell's raw value)."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["table", "row", "column", "run", "nat_acc", "adv_acc", "value"])
+    w.writerow(["table", "row", "column", "seed", "run", "nat_acc", "adv_acc", "aa_acc", "value"])
+    seeds = r["seeds"]["seeds"]
     for t in r["tables"]:
         for row in t["rows"]:
             for col, c in zip(t["columns"], row["cells"]):
                 if c is None:
                     continue
                 if "nat" in c:
-                    run = r["runs"][c["run"]]
-                    w.writerow([t["id"], row["label"], col, c["run"], run["nat_acc"], run["adv_acc"], ""])
+                    for seed, name in zip(c["seeds"], c["runs"]):
+                        run = r["runs"][name]
+                        w.writerow([t["id"], row["label"], col, seed, name, run["nat_acc"], run["adv_acc"],
+                                    "" if run.get("aa_acc") is None else run["aa_acc"], ""])
                 elif "value" in c:
-                    w.writerow([t["id"], row["label"], col, "", "", "", c.get("raw", c["value"])])
+                    for seed, v in zip(seeds, c.get("raw_seeds", [c["value"]])):
+                        w.writerow([t["id"], row["label"], col, seed, "", "", "", "", v])
                 else:
-                    w.writerow([t["id"], row["label"], col, "", "", "", c.get("text", "")])
+                    w.writerow([t["id"], row["label"], col, "", "", "", "", "", c.get("text", "")])
     return buf.getvalue()
 
 
 def runs_csv(r: dict) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    cols = ["run", "kind", "width", "w_L", "w_S", "scheme", "status", "nat_acc", "adv_acc", "n", "sparsity",
-            "prunable_params", "prunable_nonzero", "total_params", "nonzero_params", "train_seconds", "device",
-            "profile"]
+    cols = ["run", "base", "seed", "kind", "width", "w_L", "w_S", "scheme", "status", "nat_acc", "adv_acc", "aa_acc",
+            "n", "sparsity", "prunable_params", "prunable_nonzero", "total_params", "nonzero_params", "train_seconds",
+            "device", "profile", "admm_primal_mean", "before_hard_prune_nat_acc", "before_hard_prune_adv_acc"]
     w.writerow(cols)
     for name, run in r["runs"].items():
         role = run["role"]
-        w.writerow([name, role.get("kind"), role.get("width", role.get("w_L")), role.get("w_L"), role.get("w_S"),
-                    role.get("scheme"), run["status"], *[run[c] for c in cols[7:]]])
+        end = run.get("admm_end") or {}
+        before = end.get("before_hard_prune") or {}
+        w.writerow([name, run["base"], run["seed"], role.get("kind"), role.get("width", role.get("w_L")),
+                    role.get("w_L"), role.get("w_S"), role.get("scheme"), run["status"],
+                    *[run[c] for c in cols[9:21]], end.get("primal_mean", ""), before.get("nat_acc", ""),
+                    before.get("adv_acc", "")])
     return buf.getvalue()
-
-
-# ============================================================================================ figures
-
-
-def write_figures(plots: list[dict], out: Path) -> list[str] | None:
-    """Each plot spec as a PNG in ``out``; the files written, or None (nothing written) when matplotlib does not
-    import."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    for plot in plots:
-        render_png(plot, out / plot["file"])
-    return [plot["file"] for plot in plots]
-
-
-def render_png(plot: dict, path: Path) -> None:
-    """Draw one plot spec (the same specs the CLI draws in the terminal with plotext) as a PNG with matplotlib's
-    Agg canvas (imported here, not at module import; pyplot and its global backend are not touched)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    kind = plot["kind"]
-    if kind == "line":
-        for label, ys in plot["series"].items():
-            ax.plot([str(v) for v in plot["x"]], ys, marker="o", label=label)
-    elif kind == "bar":
-        n = len(plot["series"])
-        width = 0.8 / max(n, 1)
-        for k, (label, ys) in enumerate(plot["series"].items()):
-            ax.bar([i + (k - (n - 1) / 2) * width for i in range(len(plot["x"]))], ys, width, label=label)
-        ax.set_xticks(range(len(plot["x"])), [str(v) for v in plot["x"]])
-    elif kind == "hist":
-        xs = plot["x"]
-        step = (xs[1] - xs[0]) if len(xs) > 1 else 1.0
-        for label, ys in plot["series"].items():
-            ax.bar(xs, ys, width=step, alpha=0.5, label=label)
-    elif kind == "matrix":
-        m = plot["matrix"]
-        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=100)
-        ax.set_xticks(range(len(plot["xlabels"])), plot["xlabels"], rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(len(plot["ylabels"])), plot["ylabels"], fontsize=7)
-        for i, row in enumerate(m):
-            for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 50 else "black", fontweight="bold" if i == j else "normal")
-        fig.colorbar(im, ax=ax, label="PGD accuracy %")
-    else:
-        raise ValueError(f"unknown plot kind {kind!r}")
-    ax.set_title(plot["title"])
-    if plot.get("xlabel"):
-        ax.set_xlabel(plot["xlabel"])
-    if plot.get("ylabel"):
-        ax.set_ylabel(plot["ylabel"])
-    if kind != "matrix":
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-
-
