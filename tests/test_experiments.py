@@ -115,13 +115,15 @@ EXPECTED = {  # table id -> (corner, columns, row labels) on the tiny preset
     "transfer": {"transfer": ("crafted on (row), evaluated on (column)",
                               ["adv-w1", "adv-w2", "natural-w2", "admm-w2-to-w1"],
                               ["adv-w1", "adv-w2", "natural-w2", "admm-w2-to-w1", "natural (no attack)"])},
-    "schemes": {"schemes": ("pruned to", ["irregular", "column", "filter"], ["2->1 (75.00%)"])},
+    "schemes": {"schemes": ("pruned to", ["irregular", "column", "filter"], ["2->1 (75.00%)"]),
+                "nm": ("pruning", ["2:4", "irregular, same ratios"], ["50% of 3 of 4 layers"])},
     "budgets": {"budgets": ("allocation", ["90%", "95%", "99%"], ["uniform", "global", "erk"]),
                 "ratios": ("layer (weights)", [f"{a} {r}%" for r in (90, 95, 99) for a in ("uniform", "global", "erk")],
                            ["conv1.weight (100)", "conv2.weight (800)", "fc1.weight (50176)", "fc2.weight (1280)",
                             "pruned / prunable"])},
 }
-NO_FINDING = {("budgets", "ratios")}  # tables that only show what the runs chose
+# tables that only show what the runs chose, or compare what is not one of the paper's findings
+NO_FINDING = {("budgets", "ratios"), ("schemes", "nm")}
 
 FIGURES = {"weight-dist": {"weights_w1.png", "weights_w2.png", "accuracy.png"},
            "scratch-vs-pruned": {"pgd_by_pair.png", "adv_training_by_width.png"},
@@ -819,3 +821,27 @@ def test_budgets_verdict_on_constructed_numbers(tmp_path, base, adv, want):
     assert t.verdict == want, t.detail
     assert t.detail.startswith(("at 99%: ", "against the finding: ", "2 of 2", "1 of 2"))
     assert "best non-uniform minus uniform (means): " in t.detail
+
+
+def test_schemes_nm_row_prunes_n_of_m_and_compares_irregular_at_the_same_ratios(tmp_path):
+    """exp.nm = "2:4": the dense model pruned 2:4 (every group of 4 along a row keeps exactly 2; LeNet's conv1, rows of
+    25, stays dense) and pruned irregularly to exactly the same per-layer counts, on the same budget."""
+    from robprune.engine.experiments import Experiment
+
+    e = Experiment("schemes", ROOT / "profiles/mnist_quick.toml", out=tmp_path / "s", preset="tiny",
+                   figures=False)
+    res = e.run()
+    nm = {k: v for k, v in safe_torch_load(tmp_path / "s/runs/admm-2of4-w2-s0/model.pt").items()
+          if k in prunable_parameters(build_model("lenet", 2))}
+    irr = safe_torch_load(tmp_path / "s/runs/admm-irregular-as-2of4-w2-s0/model.pt")
+    for name, w in nm.items():
+        rows = w.reshape(w.shape[0], -1)
+        if rows.shape[1] % 4:
+            assert name == "conv1.weight" and int((w == 0).sum()) == 0
+            continue
+        zeros = (rows.reshape(rows.shape[0], -1, 4) == 0).sum(-1)
+        assert bool((zeros == 2).all()), name  # exactly M - N zeros in every group
+        assert int((irr[name] == 0).sum()) == int((w == 0).sum()) == w.numel() // 2
+    t = next(t for t in res["tables"] if t["id"] == "nm")
+    assert t["columns"] == ["2:4", "irregular, same ratios"] and t["rows"][0]["label"] == "50% of 3 of 4 layers"
+    assert "irregular minus 2:4 is" in t["note"] and "conv1.weight" in t["note"]

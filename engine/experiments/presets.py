@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 from ..config import ALLOCATIONS, FINAL_ATTACKS, PHASES, SCHEMES, load_profile, parse_value, presets_dir, toml_value
 from ..errors import ConfigError, UserError
+from ..pruning import parse_nm
 
 EXPERIMENTS = ("weight-dist", "scratch-vs-pruned", "lottery", "transfer", "schemes", "budgets")
 PRESETS = ("cpu", "paper", "tiny")
@@ -174,6 +175,8 @@ def _check_params(name: str, p: dict, origin: Callable[[str], str]) -> None:
             raise bad("schemes", "a list of distinct schemes among " + ", ".join(SCHEMES))
         if p["linear"] not in ("irregular", "match"):
             raise bad("linear", "'irregular' or 'match'")
+        if p["nm"] and parse_nm(p["nm"]) is None:
+            raise bad("nm", "an N:M pattern such as \"2:4\" (0 < N < M), or \"\" for none")
     if name == "transfer":
         dense = widths("dense")
         if not isinstance(p["natural"], list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
