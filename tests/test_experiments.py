@@ -845,3 +845,20 @@ def test_schemes_nm_row_prunes_n_of_m_and_compares_irregular_at_the_same_ratios(
     t = next(t for t in res["tables"] if t["id"] == "nm")
     assert t["columns"] == ["2:4", "irregular, same ratios"] and t["rows"][0]["label"] == "50% of 3 of 4 layers"
     assert "irregular minus 2:4 is" in t["note"] and "conv1.weight" in t["note"]
+
+
+def test_two_fresh_invocations_give_the_same_numbers_and_verdicts(tmp_path):
+    """The lottery verdict must not flip between invocations: with the same seeds, two fresh runs of the whole
+    experiment (nothing reused) give identical tables, findings and per-seed accuracies."""
+    from robprune.engine.experiments import Experiment
+
+    got = []
+    for k in (1, 2):
+        e = Experiment("lottery", ROOT / "profiles/mnist_quick.toml", out=tmp_path / f"l{k}", preset="tiny",
+                       overrides=["exp.seeds=[0,1]"], figures=False)
+        res = e.run()
+        runs = json.loads((tmp_path / f"l{k}" / "results.json").read_text())["runs"]
+        got.append(([(t["rows"], t["finding"]) for t in res["tables"]],
+                    {n: (r["nat_acc"], r["adv_acc"]) for n, r in runs.items()}))
+    assert got[0] == got[1]
+    assert got[0][0][0][1]["verdict"]  # a verdict was reached (held, did not hold or inconclusive)
