@@ -314,6 +314,7 @@ def test_eval_cli_ctrl_c_then_the_same_command_continues(aa_run):
                   "aa.AutoAttack._save = _save\n"
                   "sys.argv[0] = 'robprune'\n"
                   "runpy.run_module('robprune', run_name='__main__', alter_sys=True)\n")
+    state.unlink(missing_ok=True)  # only this command's own state may end the wait below
     p = subprocess.Popen([sys.executable, "-c", slow_saves, "eval", str(aa_run), "--attack", "autoattack", "--n",
                           "40", "--fresh", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
