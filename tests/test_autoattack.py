@@ -303,19 +303,8 @@ def test_eval_cli_ctrl_c_then_the_same_command_continues(aa_run):
     import time
 
     state = aa_run / "eval" / "autoattack-0.1-n40.state.json"
-    # the real command, with a pause after each state write: on a fast machine the whole evaluation of 40 digits can
-    # end within the moment between the test seeing the state and its Ctrl-C arriving
-    slow_saves = ("import runpy, sys, time\n"
-                  "from robprune.engine.attacks import autoattack as aa\n"
-                  "save = aa.AutoAttack._save\n"
-                  "def _save(self, st):\n"
-                  "    save(self, st)\n"
-                  "    time.sleep(1.0)\n"
-                  "aa.AutoAttack._save = _save\n"
-                  "sys.argv[0] = 'robprune'\n"
-                  "runpy.run_module('robprune', run_name='__main__', alter_sys=True)\n")
     state.unlink(missing_ok=True)  # only this command's own state may end the wait below
-    p = subprocess.Popen([sys.executable, "-c", slow_saves, "eval", str(aa_run), "--attack", "autoattack", "--n",
+    p = subprocess.Popen([sys.executable, "-m", "robprune", "eval", str(aa_run), "--attack", "autoattack", "--n",
                           "40", "--fresh", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not state.exists() and p.poll() is None and time.monotonic() < deadline:
