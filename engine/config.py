@@ -54,6 +54,8 @@ class RunConfig:
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False
+    dist_timeout_s: float = 600.0
 
 
 @dataclass
@@ -258,6 +260,8 @@ _RULES: dict[str, _Rule] = {
     "run.bf16": _BOOL,
     "run.channels_last": _BOOL,
     "run.compile": _BOOL,
+    "run.sync_bn": _BOOL,
+    "run.dist_timeout_s": _float(10, hi=86400),
     "data.name": _choice("mnist-5k", "mnist", "cifar10", "synthetic"),
     "data.root": _PATH,
     "data.download": _BOOL,
@@ -619,6 +623,11 @@ def load_profile(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{source}: not a UTF-8 text file (byte {e.start})") from None
+    return load_profile_text(text, source, overrides)
+
+
+def load_profile_text(text: str, source: str, overrides: Sequence[str] = ()) -> Config:
+    """:func:`load_profile` of a profile's text (``source`` names it in errors)."""
     try:
         try:
             d = tomllib.loads(text)

@@ -347,7 +347,8 @@ class BatchLoader:
 
     The shuffle order and the augmentation draws of an epoch depend only on ``(seed, epoch)`` -- they are drawn
     for the whole epoch from CPU generators, so they are the same on every device -- and iterating with
-    ``start_batch = k`` yields exactly the batches ``k, k+1, ...`` of that epoch (exact resume).
+    ``start_batch = k`` yields exactly the batches ``k, k+1, ...`` of that epoch (exact resume). With ``shard =
+    (rank, world)`` each batch is this rank's share (:meth:`batch_rows`) of the global batch.
     """
 
     def __init__(
@@ -360,6 +361,7 @@ class BatchLoader:
         seed: int = 0,
         augment: bool = False,
         drop_last: bool = False,
+        shard: tuple[int, int] | None = None,
     ):
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
@@ -371,12 +373,24 @@ class BatchLoader:
         self.seed = seed
         self.augment = augment
         self.drop_last = drop_last
+        self.shard = shard  # (rank, world): each batch is the global one, of which this rank takes its share
         self.epoch = 0
         self.start_batch = 0
 
     def __len__(self) -> int:
         n = self.x.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        if self.drop_last or (self.shard is not None and rest < self.shard[1]):
+            return full  # sharded: a last batch smaller than the number of ranks would leave a rank nothing
+        return full + (rest > 0)
+
+    def batch_rows(self, k: int) -> tuple[int, int, int]:
+        """``(start, stop, total)``: the rows of global batch ``k`` (of ``total`` examples) this rank takes."""
+        from .distributed import shard_rows
+
+        total = min(self.batch_size, self.x.shape[0] - k * self.batch_size)
+        rank, world = self.shard if self.shard is not None else (0, 1)
+        return (*shard_rows(total, rank, world), total)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch whose order the next iteration uses, starting at batch ``start_batch``."""
@@ -410,6 +424,9 @@ class BatchLoader:
         bs = self.batch_size
         for k in range(max(start_batch, 0), len(self)):
             sl = slice(k * bs, (k + 1) * bs)
+            if self.shard is not None:
+                start, stop, _ = self.batch_rows(k)
+                sl = slice(k * bs + start, k * bs + stop)
             idx = order[sl]
             xb = self.x[idx]
             if self.augment:

@@ -79,16 +79,19 @@ def _eval_dir(rd: RunDir) -> Path:
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rd: RunDir, *, eps: float, version: str,
                batch_size: int, seed: int, num_classes: int,
-               progress: Callable[[str, int, int], None] | None = None, fresh: bool = False) -> dict:
+               progress: Callable[[str, int, int], None] | None = None, fresh: bool = False, dist=None) -> dict:
     """AutoAttack ``model`` on ``(x, y)`` with its state in the run directory's ``eval/``; write the result
-    there as JSON (state file removed) and return it. ``fresh`` ignores a saved state."""
-    d = _eval_dir(rd)
+    there as JSON (state file removed) and return it. ``fresh`` ignores a saved state. ``dist``: a data-parallel
+    run's context; the ranks share the batches, and rank 0 alone writes (see :class:`AutoAttack`)."""
+    writer = dist is None or dist.writer
     name = autoattack_name(version, eps, len(y))
+    d = _eval_dir(rd) if writer else rd.eval_dir
     state = d / f"{name}.state.json"
-    if fresh and state.is_file():
+    if fresh and writer and state.is_file():
         state.unlink()
-    aa = AutoAttack(model, eps=eps, version=version, batch_size=batch_size, seed=seed, state_path=state,
-                    fingerprint=weights_fingerprint(model), progress=progress, num_classes=num_classes)
+    aa = AutoAttack(model, eps=eps, version=version, batch_size=batch_size, seed=seed,
+                    state_path=state if writer else None, fingerprint=weights_fingerprint(model),
+                    progress=progress, num_classes=num_classes, dist=dist)
     with float32():
         res = aa.run(x, y)
     robust = res.pop("robust")
@@ -97,9 +100,10 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rd: RunDir, *
                 "weights_sha256": aa.fingerprint, "robust_examples": int(robust.sum()),
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
     out = d / f"{name}.json"
-    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(state)
+    if writer:
+        atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(state)
     res["path"] = str(out)
     return res
 

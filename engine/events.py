@@ -156,6 +156,16 @@ class CommandApplied(Event):
 
 
 @dataclass
+class DistributedStart(Event):
+    """A data-parallel run's ranks, once every one is set up: rank order, with each one's pid, host and device."""
+
+    type: ClassVar[str] = "distributed"
+    world_size: int
+    backend: str
+    ranks: list
+
+
+@dataclass
 class CheckpointSaved(Event):
     type: ClassVar[str] = "checkpoint"
     path: str

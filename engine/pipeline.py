@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,9 @@ except ImportError:  # pragma: no cover - numpy comes with torchvision
 from . import data as data_mod
 from . import evaluation as eval_mod
 from . import overfit
+from . import distributed as dist_mod
 from .admm import ADMM
-from .attacks import attack, channels_last_strides, evaluate
+from .attacks import attack, channels_last_strides, evaluate, evaluate_counts
 from .config import PHASES, Config, PhaseConfig, phase_attack
 from .control import (CheckpointNow, Command, Control, EvalNow, Pause, Refused, Resume, SetRho, Stop)
 from .errors import ConfigError, NonFiniteError, UserError
@@ -71,13 +73,14 @@ def bf16_usable(device: torch.device, wanted: bool, capability: tuple[int, int] 
     return True, ""
 
 
-def resolve_device(cfg: Config) -> torch.device:
+def resolve_device(cfg: Config, dist: dist_mod.DistContext | None = None) -> torch.device:
+    """The run's device; in a data-parallel run on CUDA, the rank's local GPU."""
     want = cfg.run.device
     if want == "cuda" and not torch.cuda.is_available():
         raise ConfigError(cfg.source, "run.device", "'cpu' or 'auto' (no CUDA device is available here)", "cuda")
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
+    return dist.device(want) if dist is not None else torch.device(want)
 
 
 def phase_lr(pc: PhaseConfig, epoch: int, update_every: int) -> float:
@@ -123,23 +126,33 @@ def train_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def adversarial_step(model, train_fn, optimizer, x, y, *, kind: str, eps: float, step_size: float, steps: int,
                      restarts: int = 1, admm: ADMM | None = None, masked: MaskedParams | None = None,
-                     autocast=None, channels_last: bool = False, loss: str = "ce"):
+                     autocast=None, channels_last: bool = False, loss: str = "ce",
+                     rows: tuple[int, int, int] | None = None, grad_scale: float | None = None):
     """One training step of every phase: craft adversarial examples (model in eval mode), train on them
     only (model in train mode; on the CPU with the batch in channels_last, see :func:`train_input`), add the
     ADMM penalty's gradient, step, re-apply the masks.
 
     Returns the (device) loss and logits; nothing here syncs with the host. ``train_fn`` is the model or
-    its compiled version. The benchmark times this very function."""
+    its compiled version (or its DistributedDataParallel wrapper). The benchmark times this very function.
+
+    A data-parallel rank passes its ``rows`` of the global batch (the attack's random starts, see
+    :func:`~robprune.engine.attacks.attack`) and ``grad_scale = world / global batch``: its objective is its summed
+    loss times that, so DDP's average over the ranks is the global batch's mean. The loss returned is the
+    share's mean either way."""
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast if autocast is not None else contextlib.nullcontext():
         x_adv = attack(model, x, y, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
-                       loss=loss)
+                       loss=loss, rows=rows)
         model.train()
         out = train_fn(train_input(model, x_adv))
-        loss = F.cross_entropy(out.float(), y)
+        if grad_scale is None:
+            loss = objective = F.cross_entropy(out.float(), y)
+        else:
+            total = F.cross_entropy(out.float(), y, reduction="sum")
+            objective, loss = total * grad_scale, total.detach() / len(y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    objective.backward()
     if admm is not None:
         admm.add_penalty_grad()
     optimizer.step()
@@ -167,10 +180,13 @@ class Engine:
     Either way no checkpoint is written from that state on, so the last good one is kept."""
 
     def __init__(self, cfg: Config, rundir: RunDir, bus: EventBus, control: Control,
-                 *, resume_state: dict | None = None, on_nonfinite: str = "stop") -> None:
+                 *, resume_state: dict | None = None, on_nonfinite: str = "stop",
+                 dist: dist_mod.DistContext | None = None) -> None:
         if on_nonfinite not in NONFINITE_ACTIONS:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
+        self.dist = dist  # a data-parallel run (see robprune.engine.distributed); None: one process
+        self.writer = dist is None or dist.writer  # rank 0 (or the only process) writes the run directory
         self.cfg = cfg
         self.rundir = rundir
         self.bus = bus
@@ -205,7 +221,7 @@ class Engine:
         if getattr(self, "_setup_done", False):
             return
         cfg = self.cfg
-        self.device = resolve_device(cfg)
+        self.device = resolve_device(cfg, self.dist)
         self.resources = ResourceMonitor(self.device)
         self.bf16, why = bf16_usable(self.device, cfg.run.bf16)
         if why:
@@ -239,7 +255,7 @@ class Engine:
                                   f"false for {cfg.model.arch} width {cfg.model.width} on the CPU", True,
                                   hint=hazard)
             self.model = self.model.to(memory_format=torch.channels_last)
-        if cfg.run.init and self.resume_state is None:
+        if cfg.run.init and self.resume_state is None and self.writer:  # DDP hands rank 0's weights to the others
             self._load_init(cfg.run.init)
         self.params = prunable_parameters(self.model)
         self.control.layers = self.params  # the layers a set_rho may name
@@ -258,13 +274,31 @@ class Engine:
         n_train = self.data.train_x.shape[0]
         self.loader = data_mod.BatchLoader(self.data.train_x, self.data.train_y, cfg.data.batch_size, shuffle=True,
                                            seed=cfg.run.seed, augment=cfg.data.augment and cfg.data.name == "cifar10",
-                                           drop_last=cfg.run.compile and n_train >= cfg.data.batch_size)
+                                           drop_last=cfg.run.compile and n_train >= cfg.data.batch_size,
+                                           shard=(self.dist.rank, self.dist.world) if self.dist else None)
+        if self.dist is not None and cfg.run.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError(cfg.origin("run.sync_bn"), "run.sync_bn", "false on the CPU (SyncBatchNorm "
+                                  "runs on GPUs only)", True)
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.params = prunable_parameters(self.model)
         self.eval_x, self.eval_y = data_mod.eval_subset(self.data.test_x, self.data.test_y, cfg.eval.subset)
         self.train_fn = self.model
-        if cfg.run.compile:
+        if cfg.run.compile and self.dist is None:
             self.train_fn = torch.compile(self.model, dynamic=False)
         self._nf = torch.zeros((), dtype=torch.bool, device=self.device)
         self._setup_done = True
+
+    def setup_parallel(self) -> None:
+        """Data-parallel runs, once every rank's :meth:`setup` succeeded: wrap the model in
+        DistributedDataParallel (which gives every rank rank 0's weights). Buffers (BatchNorm statistics) are
+        broadcast from rank 0 after each step instead of before each forward, so the attack of the next step
+        sees the same ones on every rank."""
+        if self.dist is None or getattr(self, "ddp", None) is not None:
+            return
+        self.ddp = self.dist.wrap(self.model, self.device)
+        self.train_fn = torch.compile(self.ddp, dynamic=False) if self.cfg.run.compile else self.ddp
+        self._buffers = any(True for _ in self.model.buffers())
 
     def _load_init(self, path: str) -> None:
         p = Path(path)
@@ -316,7 +350,17 @@ class Engine:
                 return None
         except BaseException as exc:
             self.state = "error"
+            if self.dist is not None and not isinstance(exc, dist_mod.RankLost) and dist_mod.comm_failure(exc):
+                exc = dist_mod.RankLost(f"rank {self.dist.rank}: lost contact with the other ranks during a "
+                                        f"training step ({dist_mod.short(exc)})")
+            if isinstance(exc, dist_mod.RankLost):
+                ck = self.last_checkpoint
+                self.log("error", f"{exc}: stopping without a checkpoint; "
+                         + (f"the last one (step {ck['step']}) resumes: robprune run --resume {self.rundir.path} "
+                            f"--nproc {self.dist.world}" if ck else "no checkpoint had been written yet"))
             self.bus.emit(ErrorEvent.from_exception(exc))
+            if exc is not sys.exc_info()[1]:
+                raise exc from None
             raise
         finally:
             if self.masked is not None:
@@ -431,10 +475,14 @@ class Engine:
         for x, y in self.loader.batches(self._loader_epoch(), start_batch=self.batch):
             self._boundary()
             scale = min(1.0, (self.epoch * nb + self.batch + 1) / (pc.eps_warmup * nb)) if pc.eps_warmup else 1.0
+            rows = self.loader.batch_rows(self.batch) if self.dist is not None else None
             loss, out = adversarial_step(
                 model, self.train_fn, self.optimizer, x, y, kind=ta.kind, eps=ta.eps * scale,
                 step_size=ta.step_size * scale, steps=ta.steps, restarts=ta.restarts, admm=self.admm,
-                masked=self.masked, autocast=autocast, channels_last=cfg.run.channels_last, loss=ta.loss)
+                masked=self.masked, autocast=autocast, channels_last=cfg.run.channels_last, loss=ta.loss,
+                rows=rows, grad_scale=self.dist.world / rows[2] if rows is not None else None)
+            if self.dist is not None and self._buffers:
+                self.dist.broadcast_buffers(self.model)
             acc = self._acc
             loss = loss.detach()
             acc[0] += loss * len(y)
@@ -443,8 +491,8 @@ class Engine:
             self._nf |= ~torch.isfinite(loss)  # on the device: read at the next emission, no sync here
             self.step += 1
             self.batch += 1
-            if time.monotonic() - self._last_emit >= cfg.run.log_interval_s:
-                self._emit_step()
+            if self.dist is None and time.monotonic() - self._last_emit >= cfg.run.log_interval_s:
+                self._emit_step()  # (data-parallel: rank 0 decides at the next boundary, see _boundary)
         self._emit_step()
 
     def _loader_epoch(self) -> int:
@@ -456,8 +504,11 @@ class Engine:
         if acc is None or acc[2] == 0:
             return
         now = time.monotonic()
-        n = acc[2]
-        loss_sum, correct, nonfinite = torch.stack([acc[0].float(), acc[1].float(), self._nf.float()]).tolist()
+        sums = torch.stack([acc[0].float(), acc[1].float(), self._nf.float(),
+                            torch.tensor(float(acc[2]), device=self.device)])
+        if self.dist is not None:  # the whole global batch's numbers, the same on every rank
+            self.dist.all_reduce_sum(sums)
+        loss_sum, correct, nonfinite, n = sums.tolist()
         penalty = float(self.admm.penalty().item()) if self.admm is not None else 0.0
         pc = getattr(self.cfg.phases, self.phase)
         self.bus.emit(StepMetrics(
@@ -514,14 +565,26 @@ class Engine:
 
     # ------------------------------------------------------------------ commands
     def _boundary(self) -> None:
-        for cmd in self.control.drain():
-            self._apply(cmd)
+        self._commands(self.control.drain())
         while self.paused:
             cmd = self.control.wait(0.05)
-            if cmd is not None:
-                self._apply(cmd)
+            self._commands([cmd] if cmd is not None else [])
         if self._acc is not None and self._acc[2] == 0:
             self._interval_t0 = time.monotonic()
+
+    def _commands(self, cmds: list[Command]) -> None:
+        """Apply ``cmds``. In a data-parallel run every rank applies rank 0's commands at the same boundary (a
+        stop asked of any rank -- a signal -- stops all), and rank 0's decision to emit a progress record."""
+        if self.dist is not None:
+            stop = any(isinstance(c, Stop) for c in cmds)
+            due = time.monotonic() - self._last_emit >= self.cfg.run.log_interval_s
+            cmds, any_stop, emit = self.dist.agree(cmds if self.writer else [], stop=stop, emit=due)
+            if emit:
+                self._emit_step()
+            if any_stop and not any(isinstance(c, Stop) for c in cmds):
+                cmds.append(Stop())
+        for cmd in cmds:
+            self._apply(cmd)
 
     def _apply(self, cmd: Command) -> None:
         """Apply one checked command (see :mod:`robprune.engine.control`); each leaves an event of its name."""
@@ -534,7 +597,7 @@ class Engine:
                 return
             self._emit_step()
             self.paused, self.state = True, "paused"
-            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
+            self._applied(cmd.name, {})
             self._save_checkpoint("pause")
             return
         if isinstance(cmd, Resume):
@@ -563,17 +626,29 @@ class Engine:
                 return
             args.update(value=value, layer=layer, multiply=multiply)
         elif isinstance(cmd, EvalNow):
-            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
+            self._applied(cmd.name, {})
             self._evaluate("now")
             return
         elif isinstance(cmd, CheckpointNow):
-            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
+            self._applied(cmd.name, {})
             self._save_checkpoint("command")
             return
         elif isinstance(cmd, Stop):
-            self.bus.emit(CommandApplied(command=cmd.name, args={}, step=self.step))
+            self._applied(cmd.name, {})
             raise StopRequested()
-        self.bus.emit(CommandApplied(command=cmd.name, args=args, step=self.step))
+        self._applied(cmd.name, args)
+
+    def _applied(self, name: str, args: dict) -> None:
+        """The event of an applied command. In a data-parallel run it says where every rank applied it (step,
+        paused, rho): the same, or the run has a bug worth seeing."""
+        if self.dist is not None:
+            seen = {"step": self.step, "paused": self.paused}
+            if self.admm is not None:
+                seen["rho"] = dict(self.admm.rho)
+            else:
+                seen["pending_rho"] = len(self.pending_rho)
+            args = {**args, "ranks": self.dist.all_gather(seen)}
+        self.bus.emit(CommandApplied(command=name, args=args, step=self.step))
 
     def _record_rho(self, reason: str) -> None:
         if self.admm is None:
@@ -619,10 +694,14 @@ class Engine:
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         # the random starts come from their own CPU generator (the same on every device); the fork keeps anything
         # else an evaluation might draw out of training's stream
+        kw = dict(kind=ea.kind, eps=ea.eps, step_size=ea.step_size, steps=ea.steps, restarts=ea.restarts,
+                  batch_size=cfg.data.test_batch_size, to_float=data_mod.to_float, loss=ea.loss, seed=cfg.run.seed + 1)
         with torch.random.fork_rng(devices=devices), eval_mod.float32():
-            nat, adv = evaluate(self.model, x, y, kind=ea.kind, eps=ea.eps, step_size=ea.step_size, steps=ea.steps,
-                                restarts=ea.restarts, batch_size=cfg.data.test_batch_size,
-                                to_float=data_mod.to_float, loss=ea.loss, seed=cfg.run.seed + 1)
+            if self.dist is None:
+                nat, adv = evaluate(self.model, x, y, **kw)
+            else:  # each rank its batches; the counts summed are exactly one process's
+                counts = torch.stack(evaluate_counts(self.model, x, y, shard=(self.dist.rank, self.dist.world), **kw))
+                nat, adv = (c / max(len(x), 1) for c in self.dist.all_reduce_sum(counts).tolist())
         attack_info = {"kind": ea.kind, "eps": ea.eps, "step_size": ea.step_size, "steps": ea.steps,
                        "restarts": ea.restarts, **({"loss": ea.loss} if ea.kind == "pgd" else {})}
         ev = EvalResult(nat_acc=nat, adv_acc=adv, n=len(x), attack=attack_info, reason=reason, **self._where())
@@ -655,7 +734,7 @@ class Engine:
         self.log("info", f"final AutoAttack ({ec.autoattack_version}, eps {ea.eps:g}) on {len(y)} test examples")
         res = eval_mod.autoattack(self.model, x, y, self.rundir, eps=ea.eps, version=ec.autoattack_version,
                                   batch_size=cfg.data.test_batch_size, seed=cfg.run.seed, num_classes=self.data.spec.num_classes,
-                                  progress=progress)
+                                  progress=progress, dist=self.dist)
         self.log("info", f"final AutoAttack: clean {100 * res['clean_acc']:.2f}%, robust {100 * res['robust_acc']:.2f}%"
                          f" ({res['seconds']:.0f} s)")
         out = {k: res[k] for k in ("attack", "clean_acc", "robust_acc", "per_attack", "seconds", "path")}
@@ -676,7 +755,9 @@ class Engine:
             return
         self.best = {"phase": self.phase, "epoch": self.epoch, "step": self.step, "reason": ev["reason"],
                      "adv_acc": ev["adv_acc"], "nat_acc": ev["nat_acc"], "n": ev["n"]}
-        atomic_torch_save(self.rundir.best, self.checkpoint_state(), hint=self._resume_hint())
+        state = self.checkpoint_state()
+        if self.writer:
+            atomic_torch_save(self.rundir.best, state, hint=self._resume_hint())
         self.bus.emit(CheckpointSaved(path=str(self.rundir.best), reason="best", **self._where()))
 
     def layer_records(self) -> list[dict]:
@@ -693,7 +774,42 @@ class Engine:
         self.bus.emit(LayerStats(layers=self.layer_records(), **self._where()))
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self) -> dict:
+    def checkpoint_state(self) -> dict | None:
+        """What checkpoint.pt holds. In a data-parallel run every rank takes part (their RNG states and
+        fingerprints are gathered, and ranks that disagree stop the run), and only rank 0 gets the state."""
+        rng = self._rng_state()
+        ranks = None
+        if self.dist is not None:
+            ranks = self.dist.all_gather({"rng": rng, "fingerprint": self._fingerprint()})
+            prints = [r["fingerprint"] for r in ranks]
+            if len(set(prints)) > 1:
+                raise dist_mod.RanksDiverged(
+                    f"the ranks' weights or ADMM state differ at step {self.step} (fingerprints "
+                    f"{', '.join(p[:12] for p in prints)}): not checkpointed; the last checkpoint resumes")
+            if not self.writer:
+                return None
+        state = self._state_dict(rng)
+        if ranks is not None:
+            state["dist"] = {"world_size": self.dist.world, "backend": self.dist.backend,
+                             "rng": [r["rng"] for r in ranks], "fingerprint": ranks[0]["fingerprint"]}
+        return state
+
+    def _fingerprint(self) -> str:
+        """sha256 of what every rank must hold alike: the model's state, the ADMM state (Z, U, rho), the masks."""
+        import hashlib
+
+        h = hashlib.sha256(eval_mod.weights_fingerprint(self.model).encode())
+        if self.admm is not None:
+            for k, v in sorted(self.admm.state_dict().items()):
+                h.update(repr(k).encode())
+                vals = v.values() if isinstance(v, dict) else [v]
+                for t in vals:
+                    h.update(t.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(t) else repr(t).encode())
+        for k, m in sorted((self.masks or {}).items()):
+            h.update(k.encode() + m.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def _rng_state(self) -> dict:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
         if np is not None:  # as plain lists and numbers, so weights_only loading accepts them
             kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -701,6 +817,9 @@ class Engine:
                             "cached_gaussian": float(cached)}
         if self.device.type == "cuda":  # the run's own GPU only: a resume may see other or fewer GPUs
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _state_dict(self, rng: dict) -> dict:
         return {
             "format": CHECKPOINT_FORMAT,
             "profile": self.rundir.profile.read_text(encoding="utf-8") if self.rundir.profile.exists() else "",
@@ -719,7 +838,8 @@ class Engine:
         }
 
     def _resume_hint(self) -> str:
-        return f"resume the run (robprune run --resume {self.rundir.path})"
+        ranks = f" --nproc {self.dist.world}" if self.dist is not None else ""
+        return f"resume the run (robprune run --resume {self.rundir.path}{ranks})"
 
     def _save_checkpoint(self, reason: str) -> bool:
         """Write checkpoint.pt, unless the state is not finite (then the last good one stays). Returns whether
@@ -735,7 +855,9 @@ class Engine:
             self.log("warning", f"checkpoint ({reason}) not written: non-finite values since step {self._bad['step']}; "
                                 + (f"keeping {ck['path']} (step {ck['step']})" if ck else "no good checkpoint exists"))
             return False
-        atomic_torch_save(self.rundir.checkpoint, self.checkpoint_state(), hint=self._resume_hint())
+        state = self.checkpoint_state()
+        if self.writer:
+            atomic_torch_save(self.rundir.checkpoint, state, hint=self._resume_hint())
         self.last_checkpoint = {"path": str(self.rundir.checkpoint), "step": self.step, "phase": self.phase}
         self.bus.emit(CheckpointSaved(path=str(self.rundir.checkpoint), reason=reason, **self._where()))
         return True
@@ -771,14 +893,21 @@ class Engine:
         self.optimizer = make_optimizer(pc, self.model.parameters(), self.device)
         if st["optimizer"] is not None:
             self.optimizer.load_state_dict(st["optimizer"])
-        random.setstate(st["rng"]["python"])
-        if np is not None and "numpy" in st["rng"]:
-            n = st["rng"]["numpy"]
+        rng, saved = st["rng"], st.get("dist") or {"world_size": 1}
+        world = self.dist.world if self.dist is not None else 1
+        if world == saved["world_size"] and self.dist is not None:
+            rng = saved["rng"][self.dist.rank]
+        elif world != saved["world_size"]:  # the ranks' states are equal by construction: rank 0's serves all
+            self.log("info", f"resumed with {world} rank(s) a checkpoint written by {saved['world_size']}: the batches "
+                             "and random starts are the same; the gradient sums round differently")
+        random.setstate(rng["python"])
+        if np is not None and "numpy" in rng:
+            n = rng["numpy"]
             np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
                                  n["cached_gaussian"]))
-        torch.set_rng_state(st["rng"]["torch"])
-        if "cuda" in st["rng"] and self.device.type == "cuda":
-            _set_cuda_rng_state(st["rng"]["cuda"], self.device)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            _set_cuda_rng_state(rng["cuda"], self.device)
         self.log("info", f"resumed at phase {name}, epoch {self.epoch}, batch {self.batch}, step {self.step}")
         if self.epoch >= pc.epochs:  # the checkpoint was taken at this phase's end
             return self.phase_index + 1
@@ -796,7 +925,8 @@ class Engine:
             final = {**final, "autoattack": self._final_autoattack()}
         self._emit_layers()
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        atomic_torch_save(self.rundir.model, weights, hint=self._resume_hint())
+        if self.writer:
+            atomic_torch_save(self.rundir.model, weights, hint=self._resume_hint())
         self.phase = "done"
         self._save_checkpoint("final")
         self.summary = build_summary(
@@ -805,6 +935,10 @@ class Engine:
             allocation=self.allocation, final_eval=final, phase_times=self.phase_times, rho_history=self.rho_history,
             status=status,
             step=self.step, device=str(self.device), run_dir=str(self.rundir.path))
-        write_summary(self.rundir, self.summary)
+        if self.dist is not None:
+            self.summary["distributed"] = {"world_size": self.dist.world, "backend": self.dist.backend,
+                                           "ranks": self.dist.info}
+        if self.writer:
+            write_summary(self.rundir, self.summary)
         self.state = "finished"
         self.bus.emit(Finished(status=status, summary=self.summary))

@@ -17,10 +17,11 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, dump_toml, load_profile, profile_change
+from . import distributed as dist_mod
+from .config import Config, dump_toml, load_profile, load_profile_text, profile_change
 from .control import COMMAND_FILE, Command, Control
 from .errors import UserError
-from .events import Event, EventBus, Subscriber
+from .events import DistributedStart, Event, EventBus, Subscriber
 from .pipeline import CHECKPOINT_FORMAT, Engine
 from .resources import check_fits
 from .rundir import FORMAT_VERSION, RunDir, default_run_dir, safe_torch_load
@@ -28,16 +29,20 @@ from .rundir import FORMAT_VERSION, RunDir, default_run_dir, safe_torch_load
 
 class Session:
     def __init__(self, cfg: Config, rundir: RunDir, *, resume_state: dict | None = None,
-                 on_nonfinite: str = "stop") -> None:
-        """``on_nonfinite``: "stop" (headless) or "pause" (a dashboard is attached): see :class:`Engine`."""
+                 on_nonfinite: str = "stop", dist: dist_mod.DistContext | None = None) -> None:
+        """``on_nonfinite``: "stop" (headless) or "pause" (a dashboard is attached): see :class:`Engine`.
+        ``dist``: this process's rank in a data-parallel run; only rank 0 records to the run directory and reads
+        its command file (see :meth:`for_rank`)."""
         self.cfg = cfg
         self.rundir = rundir
+        self.dist = dist
         self.bus = EventBus()
         self.control = Control()
         self.engine = Engine(cfg, rundir, self.bus, self.control, resume_state=resume_state,
-                             on_nonfinite=on_nonfinite)
-        self.bus.subscribe(rundir)
-        self.control.watch_file(rundir.path / COMMAND_FILE)  # commands from an attached dashboard
+                             on_nonfinite=on_nonfinite, dist=dist)
+        if dist is None or dist.writer:
+            self.bus.subscribe(rundir)
+            self.control.watch_file(rundir.path / COMMAND_FILE)  # commands from an attached dashboard
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._created = False
@@ -56,8 +61,75 @@ class Session:
 
     # ------------------------------------------------------------------ construction
     @classmethod
+    def for_rank(cls, dist: dist_mod.DistContext, profile: str | Path | None, overrides: Sequence[str] = (),
+                 run_dir: str | Path | None = None, resume: str | Path | None = None) -> "Session":
+        """This rank's session of a data-parallel run, set up on every rank (the process group is joined here).
+
+        Rank 0 checks the input and makes (or opens, locks and reads) the run directory exactly as one process
+        would, and hands the others the profile and the checkpoint: they need no access to the run directory
+        (another machine's disk). Every rank then loads its data and builds its model; a failure on any rank
+        (bad input) ends every rank, rank 0 reporting it. Then DDP wraps the model."""
+        # the device and the timeout of the process group come from the profile; only rank 0's copy must exist
+        # (the others may be on machines without the run directory) and rank 0 reports a bad one, once joined
+        cfg, early = None, None
+        try:
+            cfg = load_profile(rd_profile(resume)) if resume is not None else load_profile(profile, overrides)
+        except UserError as exc:
+            early = exc
+        dist.init(resolve_device_type(cfg), cfg.run.dist_timeout_s if cfg is not None else 600.0)
+        outcome: dict = {"ok": False, "error": ""}
+        session = None
+        if dist.writer:
+            try:
+                if early is not None:
+                    raise early
+                session = (cls.resume(resume, dist=dist) if resume is not None
+                           else cls.new(profile, overrides, run_dir, dist=dist))
+                outcome = {"ok": True, "profile": session.rundir.profile.read_text(encoding="utf-8"),
+                           "source": str(session.rundir.profile), "run_dir": str(session.rundir.path),
+                           "state": session.engine.resume_state}
+            except UserError as exc:
+                outcome = {"ok": False, "error": str(exc)}
+                dist.broadcast(outcome)
+                raise
+        outcome = dist.broadcast(outcome)
+        if not outcome["ok"]:
+            raise dist_mod.AgreedExit(2)
+        if session is None:
+            cfg = load_profile_text(outcome["profile"], outcome["source"])
+            session = cls(cfg, RunDir(outcome["run_dir"]), resume_state=outcome["state"], dist=dist)
+        # every rank loads its data (the first rank of each machine first when it may download) and its model
+        first = dist.local_rank == 0 or not session.cfg.data.download
+        error = None
+        for turn in (True, False):
+            if turn == first:
+                try:
+                    session.engine.setup()
+                except UserError as exc:
+                    error = str(exc)
+            if session.cfg.data.download:
+                dist.barrier()
+        errors = dist.all_gather(error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            if dist.writer:
+                session.rundir.close()
+                if session._created:
+                    session.rundir.remove_created()
+                rank, msg = failed[0]
+                raise UserError(msg if rank == 0 else f"rank {rank}: {msg}")
+            raise dist_mod.AgreedExit(2)
+        session.engine.setup_parallel()
+        dist.info = dist.all_gather(dist_mod.rank_info(session.engine.device))
+        session.engine.log("info", f"data-parallel run: {dist.describe()}, global batch {session.cfg.data.batch_size}: "
+                                   + "; ".join(f"rank {r} pid {i['pid']} on {i['host']} {i['device']}"
+                                               for r, i in enumerate(dist.info)))
+        session.bus.emit(DistributedStart(world_size=dist.world, backend=dist.backend, ranks=dist.info))
+        return session
+
+    @classmethod
     def new(cls, profile: str | Path, overrides: Sequence[str] = (), run_dir: str | Path | None = None,
-            *, on_nonfinite: str = "stop") -> "Session":
+            *, on_nonfinite: str = "stop", dist: dist_mod.DistContext | None = None) -> "Session":
         """Validate the profile and create the run directory (nothing is loaded yet: see :meth:`prepare`).
 
         The run directory is locked for this process until the run ends (see :meth:`RunDir.acquire`)."""
@@ -67,12 +139,13 @@ class Session:
         rd.create(dump_toml(cfg.to_dict()))
         rd.acquire()
         rd.open_logs()
-        s = cls(cfg, rd, on_nonfinite=on_nonfinite)
+        s = cls(cfg, rd, on_nonfinite=on_nonfinite, dist=dist)
         s._created = True
         return s
 
     @classmethod
-    def resume(cls, run_dir: str | Path, *, on_nonfinite: str = "stop") -> "Session":
+    def resume(cls, run_dir: str | Path, *, on_nonfinite: str = "stop",
+               dist: dist_mod.DistContext | None = None) -> "Session":
         """Continue a run from its last checkpoint. Everything is checked before anything is changed: a run
         directory that is not one, is in use, has another format, an edited profile or a damaged checkpoint
         raises a one-line UserError and is left as it was."""
@@ -109,7 +182,7 @@ class Session:
         except BaseException:
             rd.release()
             raise
-        return cls(cfg, rd, resume_state=state, on_nonfinite=on_nonfinite)
+        return cls(cfg, rd, resume_state=state, on_nonfinite=on_nonfinite, dist=dist)
 
     # ------------------------------------------------------------------ events and commands
     def subscribe(self, fn: Subscriber):
@@ -190,3 +263,19 @@ def _check_same_profile(rd: RunDir, saved: str) -> None:
     raise UserError(f"{rd.profile}: changed after the checkpoint was written ({change}): a run resumes with the "
                     f"profile it started with; undo the edit, or start a new run (--set run.init={rd.checkpoint} "
                     f"starts from its weights)")
+
+
+def rd_profile(run_dir: str | Path) -> Path:
+    """The profile of a run directory to resume (checked in full by :meth:`Session.resume`)."""
+    p = RunDir(run_dir).profile
+    if not p.is_file():
+        raise UserError(f"{p}: missing; {run_dir} is not a robprune run directory")
+    return p
+
+
+def resolve_device_type(cfg: Config | None) -> str:
+    """``cuda`` or ``cpu`` for ``cfg.run.device`` (no profile: what this machine has)."""
+    import torch
+
+    want = cfg.run.device if cfg is not None else "auto"
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"

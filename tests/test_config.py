@@ -424,7 +424,7 @@ def test_dump_toml_defaults_round_trip_and_covers_every_key():
     assert from_dict(tomllib.loads(dump_toml(d)), "d.toml") == Config()
     flat = {f"{a}.{b}" for a, t in d.items() for b in t}
     assert {"attack.train", "attack.eval", "phases.admm", "prune.layers", "run.name"} <= flat
-    assert len(schema_keys()) == 11 + 9 + 3 + 2 * 6 + 5 + 3 + 3 * 13 + 7 + 1
+    assert len(schema_keys()) == 13 + 9 + 3 + 2 * 6 + 5 + 3 + 3 * 13 + 7 + 1
 
 
 def test_to_dict_is_plain_and_detached():

@@ -80,34 +80,59 @@ def run(
     output_log: bool = typer.Option(False, "--output-log", hidden=True,
                                     help="Once the run directory exists, send stdout and stderr to its output.log "
                                          "(robprune-tui --detach starts runs so)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=4096,
+                              help="Data-parallel ranks on this machine (one per GPU; gloo processes on a CPU), "
+                                   "started through torch.distributed.run; data.batch_size stays the global batch. "
+                                   "Several machines: torchrun ... -m robprune run (docs/distributed.md)."),
 ) -> None:
     """Run the three-phase pipeline headless, with a progress bar and a final table.
 
     Exit codes: 0 completed, or stopped by SIGTERM / SIGHUP (with a checkpoint: resume it); 130 stopped by
     Ctrl-C (the first with a checkpoint, a second at once); 2 bad input; 3 the run diverged (a non-finite loss
-    or weight: the last good checkpoint is kept); 1 any other error (traceback in events.jsonl).
+    or weight: the last good checkpoint is kept); 4 a data-parallel rank was lost (the others stop without a
+    checkpoint: resume from the last one); 1 any other error (traceback in events.jsonl).
     """
+    from robprune.engine import distributed as dist_mod
     from robprune.engine.errors import NonFiniteError
     from robprune.tui.headless import HeadlessPrinter, summary_table
 
+    dist = None
     try:
         if resume is not None:
             if profile is not None or overrides:
                 raise UserError(f"--resume {resume}: the profile comes from the run directory: give no PROFILE or --set")
         elif profile is None:
             raise UserError("missing PROFILE (e.g. robprune run profiles/mnist_quick.toml)")
-        else:
+        dist = dist_mod.DistContext.from_env()
+        if profile is not None and dist is None:  # (a rank: rank 0 checks it, see Session.for_rank)
             from robprune.engine.config import load_profile
 
-            load_profile(profile, overrides)  # a bad profile fails at once, before torch is even imported
+            cfg = load_profile(profile, overrides)  # a bad profile fails at once, before a run directory is made
+        if nproc > 1:
+            if dist is not None:
+                raise UserError(f"--nproc {nproc}: this process is already rank {dist.rank} of {dist.world} "
+                                "(torchrun starts the ranks): give --nproc or use torchrun, not both")
+            _launch(nproc, profile, overrides, run_dir, resume, quiet, output_log,
+                    cfg if resume is None else None)
         from robprune.engine.session import Session
 
-        session = Session.resume(resume) if resume is not None else Session.new(profile, overrides, run_dir)
-        session.prepare()
+        if dist is not None:
+            session = Session.for_rank(dist, profile, overrides, run_dir, resume)
+            quiet = quiet or not dist.writer
+        else:
+            session = Session.resume(resume) if resume is not None else Session.new(profile, overrides, run_dir)
+            session.prepare()
         if output_log:
-            _output_to(session.rundir.path / OUTPUT_LOG)
+            _output_to(session.rundir.path / OUTPUT_LOG if dist is None or dist.writer else Path(os.devnull))
     except UserError as exc:
+        if dist is not None:
+            dist.close()  # (a process group left to the interpreter's exit aborts it)
         fail(exc)
+    except (dist_mod.AgreedExit, dist_mod.RankLost) as exc:  # rank 0 reported the reason (or it is gone)
+        if isinstance(exc, dist_mod.RankLost):
+            _say(f"robprune: error: {exc}")
+        dist.close()
+        raise typer.Exit(exc.exit_code)
     if not quiet:
         err.print(f"run directory: {session.rundir.path}", highlight=False)
     printer = HeadlessPrinter(err, quiet=quiet)
@@ -133,19 +158,58 @@ def run(
         _detach_from_terminal(always=True)
         session.join()
     e = session.error
+    if dist is not None:
+        _leave_together(dist, e)
     if e is not None:
         if isinstance(e, UserError):
             fail(e)
-        if isinstance(e, NonFiniteError):
+        if isinstance(e, (NonFiniteError, dist_mod.RankLost, dist_mod.RanksDiverged)):
             _say(f"robprune: error: {e}")
             raise typer.Exit(e.exit_code)
         _say(f"robprune: error: {type(e).__name__}: {e} (traceback in {session.rundir.events})")
         raise typer.Exit(1)
     if session.engine.state == "stopped":
-        _say(f"stopped; resume with: robprune run --resume {session.rundir.path}")
+        if dist is None or dist.writer:
+            _say(f"stopped; resume with: robprune run --resume {session.rundir.path}"
+                 + (f" --nproc {dist.world}" if dist is not None else ""))
         raise typer.Exit(130 if interrupts else 0)
+    if dist is not None and not dist.writer:
+        return
     out.print(summary_table(session.engine.summary))
     out.print(f"summary: {session.rundir.path / 'summary.md'}")
+
+
+def _launch(nproc, profile, overrides, run_dir, resume, quiet, output_log, cfg) -> None:
+    """``robprune run --nproc N``: start the ranks (each ``robprune run`` with the same arguments) and exit with
+    the run's code. The run directory is chosen here, so every rank, and SIGTERM's forwarding, know it."""
+    from robprune.engine.distributed import launch
+    from robprune.engine.rundir import default_run_dir
+
+    if resume is not None:
+        rd, args = Path(resume), ["--resume", str(resume)]
+    else:
+        rd = Path(run_dir) if run_dir is not None else default_run_dir(cfg.name)
+        args = [str(profile), "--run-dir", str(rd), *[a for o in overrides for a in ("--set", o)]]
+    args = ["-m", "robprune", "run", *args, *(["-q"] if quiet else []), *(["--output-log"] if output_log else [])]
+    if not quiet:
+        threads = os.environ.get("OMP_NUM_THREADS")
+        _say(f"starting {nproc} ranks through torch.distributed.run; CPU threads per rank: "
+             + (f"{threads} (OMP_NUM_THREADS)" if threads else "1 (torchrun's default; set OMP_NUM_THREADS or "
+                                                             "run.threads for more)"))
+    raise typer.Exit(launch(nproc, args, say=_say, run_dir=str(rd)))
+
+
+def _leave_together(dist, error: BaseException | None) -> None:
+    """A data-parallel rank whose run ended: wait for the others (rank 0 may still be writing), then leave the
+    process group. Nothing to wait for when a rank is gone."""
+    from robprune.engine.distributed import RankLost
+
+    if not isinstance(error, RankLost):
+        try:
+            dist.barrier()
+        except RankLost:
+            pass
+    dist.close()
 
 
 def _output_to(path: Path) -> None:
@@ -505,8 +569,36 @@ def bench_cmd(
                                                            "(default: a temporary directory, removed)."),
     overrides: List[str] = typer.Option([], "--set", help="With --pipeline: a profile key for both profiles "
                                                           "(repeatable)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=4096,
+                              help="Instead: data-parallel scaling: the training step in one process, then in NPROC "
+                                   "ranks (torch.distributed.run, DDP), BATCH examples per rank; images/s per rank "
+                                   "and in total, and the scaling efficiency."),
 ) -> None:
     """Time adversarial training steps (and PGD evaluation); print one JSON object."""
+    if nproc > 1:
+        from robprune.engine.bench import MODELS
+        from robprune.engine.config import ATTACK_KINDS
+        from robprune.engine.dist_bench import run_dist_bench
+
+        try:
+            if model not in MODELS:
+                raise UserError(f"--model: expected one of {', '.join(MODELS)}, found {model!r}")
+            if attack not in ATTACK_KINDS:
+                raise UserError(f"--attack: expected one of {', '.join(ATTACK_KINDS)}, found {attack!r}")
+            for name, v, lo in (("--width", width, 1), ("--batch", batch or 128, 1), ("--steps", steps, 0),
+                                ("--iters", iters, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
+                if v < lo:
+                    raise UserError(f"{name}: expected at least {lo}, found {v}")
+            result = run_dist_bench(nproc, model=model, width=width, batch=batch or 128, attack=attack, steps=steps,
+                                    device=device, warmup=warmup, iters=iters, repeats=3 if repeats is None else repeats,
+                                    threads=threads, depth=depth, say=_say)
+        except UserError as exc:
+            fail(exc)
+        except RuntimeError as exc:
+            _say(f"robprune: error: {exc}")
+            raise typer.Exit(1)
+        print(json.dumps(result), flush=True)
+        return
     if pipeline is not None:
         from robprune.engine.pipeline_bench import run_pipeline_bench
 

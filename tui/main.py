@@ -26,6 +26,9 @@ def tui(
     refresh_hz: float = typer.Option(4.0, "--refresh-hz", min=0.2, max=30.0, help="Redraws per second."),
     low_refresh: bool = typer.Option(False, "--low-refresh", help="1 redraw per second, for slow links."),
     ansi: bool = typer.Option(False, "--ansi", help="Use the terminal's 16 ANSI colours."),
+    nproc: int = typer.Option(1, "--nproc", min=1, max=4096,
+                              help="Start the run (PROFILE or --resume) as NPROC data-parallel ranks in the "
+                                   "background (as --detach) and show it; q leaves it running."),
     version: bool = version_option("robprune-tui"),
 ) -> None:
     """Watch, steer and export a robprune run: p pause, r rho, e eval, c checkpoint, x export, q quit, ? help."""
@@ -39,10 +42,12 @@ def tui(
             raise UserError("give exactly one of PROFILE, --resume RUN_DIR or --attach RUN_DIR")
         if (resume or attach) and (overrides or run_dir):
             raise UserError("--set and --run-dir only go with a PROFILE (a resumed or attached run keeps its own)")
-        if detach and attach is not None:
-            raise UserError("--detach starts a run (PROFILE or --resume); --attach follows one that is running")
+        if (detach or nproc > 1) and attach is not None:
+            raise UserError("--detach and --nproc start a run (PROFILE or --resume); --attach follows one that is "
+                            "running")
+        detach = detach or nproc > 1  # the ranks are processes of their own: the dashboard attaches to rank 0's
         if detach:
-            attach = start_detached(profile, overrides, run_dir, resume)
+            attach = start_detached(profile, overrides, run_dir, resume, nproc=nproc)
         if attach is not None:
             backend = AttachBackend(attach)
         else:
@@ -67,10 +72,10 @@ def tui(
                        f"stop it with a checkpoint: kill -TERM $(head -1 {backend.run_dir / '.lock'})")
 
 
-def start_detached(profile, overrides, run_dir, resume, timeout_s: float = 600.0) -> Path:
-    """Start ``robprune run`` in a session of its own (no terminal: a hang-up never reaches it), its output going
-    to RUN_DIR/output.log once the run directory exists; return the run directory when its engine holds the
-    lock. Bad input fails here, with the run's own one-line error."""
+def start_detached(profile, overrides, run_dir, resume, timeout_s: float = 600.0, *, nproc: int = 1) -> Path:
+    """Start ``robprune run`` (with ``--nproc`` ranks) in a session of its own (no terminal: a hang-up never
+    reaches it), its output going to RUN_DIR/output.log once the run directory exists; return the run directory
+    when its engine (rank 0's) holds the lock. Bad input fails here, with the run's own one-line error."""
     import subprocess
     import sys
     import time
@@ -85,6 +90,8 @@ def start_detached(profile, overrides, run_dir, resume, timeout_s: float = 600.0
         cfg = load_profile(profile, overrides)
         rd = Path(run_dir) if run_dir is not None else default_run_dir(cfg.name)
         args = [str(profile), "--run-dir", str(rd), *[a for o in overrides for a in ("--set", o)]]
+    if nproc > 1:
+        args += ["--nproc", str(nproc)]
     proc = subprocess.Popen([sys.executable, "-m", "robprune", "run", *args, "-q", "--output-log"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)

@@ -23,23 +23,25 @@ from .fab import fab_targeted
 from ..models import eval_mode
 from .fastpath import attack_model, channels_last_strides, split_chunks
 from .fgsm import fgsm_rs
-from .pgd import cw_loss, pgd
+from .pgd import cw_loss, pgd, skip_random_starts
 from .square import square
 
 __all__ = ["KINDS", "apgd", "apgd_targeted", "attack", "attack_model", "channels_last_strides", "cw_loss", "dlr_loss",
-           "evaluate", "fab_targeted", "fgsm_rs", "pgd", "split_chunks", "square"]
+           "evaluate", "evaluate_counts", "fab_targeted", "fgsm_rs", "pgd", "split_chunks", "square"]
 
 
 def attack(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, step_size: float, steps: int,
-           restarts: int = 1, loss: str = "ce", generator: torch.Generator | None = None) -> Tensor:
+           restarts: int = 1, loss: str = "ce", generator: torch.Generator | None = None,
+           rows: tuple[int, int, int] | None = None) -> Tensor:
     """Dispatch by ``kind`` (pgd | fgsm-rs | none); ``none`` returns ``x`` itself. ``loss`` (PGD): ``ce``
     (cross-entropy) or ``cw`` (Carlini-Wagner margin); ``generator``: a CPU generator for PGD's random starts
-    (the same numbers on every device)."""
+    (the same numbers on every device); ``rows = (start, stop, total)``: ``x`` is a data-parallel rank's share of
+    a batch, whose random starts are drawn whole and sliced (see :func:`.pgd._random_start`)."""
     if kind == "pgd":
         return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, restarts=restarts, loss=loss,
-                   generator=generator)
+                   generator=generator, rows=rows)
     if kind == "fgsm-rs":
-        return fgsm_rs(model, x, y, eps=eps, step_size=step_size, generator=generator)
+        return fgsm_rs(model, x, y, eps=eps, step_size=step_size, generator=generator, rows=rows)
     if kind == "none" or eps == 0:
         return x
     raise ValueError(f"unknown attack kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -58,18 +60,35 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, s
     ``to_float`` converts a stored batch (e.g. uint8) to [0, 1] floats. Counts stay on the device and are
     read once at the end. ``seed``: PGD's random starts come from a CPU generator seeded with it, so a CPU and a
     GPU evaluation of the same weights start from the same points (None: the device's generator)."""
+    nat, adv = evaluate_counts(model, x, y, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
+                               batch_size=batch_size, to_float=to_float, loss=loss, seed=seed)
+    n = max(len(x), 1)
+    return nat.item() / n, adv.item() / n
+
+
+def evaluate_counts(model: nn.Module, x: Tensor, y: Tensor, *, kind: str, eps: float, step_size: float, steps: int,
+                    restarts: int = 1, batch_size: int = 500, to_float=None, loss: str = "ce",
+                    seed: int | None = None, shard: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """The counts of :func:`evaluate` (device tensors). ``shard = (rank, world)``: only batches ``rank``,
+    ``rank + world``, ... are attacked (a data-parallel rank's part); the generator skips the others' random
+    starts, so the ranks' counts sum to exactly those of one process."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    rank, world = shard if shard is not None else (0, 1)
+    draws = {"pgd": max(restarts, 1), "fgsm-rs": 1}.get(kind, 0)
     with eval_mode(model):
         dev = x.device
         nat = torch.zeros((), dtype=torch.long, device=dev)
         adv = torch.zeros((), dtype=torch.long, device=dev)
-        for i in range(0, len(x), batch_size):
+        for b, i in enumerate(range(0, len(x), batch_size)):
             xb = x[i:i + batch_size]
             xb = to_float(xb) if to_float is not None else xb
             yb = y[i:i + batch_size]
+            if b % world != rank:
+                if generator is not None:
+                    skip_random_starts(xb, eps, generator, draws)
+                continue
             nat += _count_correct(attack_model(model), xb, yb)
             xa = attack(model, xb, yb, kind=kind, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
                         loss=loss, generator=generator)
             adv += _count_correct(attack_model(model), xa, yb)
-    n = max(len(x), 1)
-    return nat.item() / n, adv.item() / n
+    return nat, adv

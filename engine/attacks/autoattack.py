@@ -115,12 +115,18 @@ class AutoAttack:
     """Run AutoAttack on ``(x, y)`` (floats in [0, 1]) in batches of ``batch_size``, keeping its state in
     ``state_path`` (when given) after every batch.
 
-    ``progress(part_name, done, total)`` is called after each batch (examples of the current attack)."""
+    ``progress(part_name, done, total)`` is called after each batch (examples of the current attack).
+
+    With ``dist`` (a data-parallel run), rank r attacks batches ``b + r`` of each round of ``world`` batches and
+    the ranks' results are gathered after the round: every batch keeps the generator of its index, so the result
+    is exactly one process's. Rank 0 alone keeps the state (``state_path`` None elsewhere) and hands it to the
+    others when it resumes."""
 
     def __init__(self, model: nn.Module, *, eps: float, version: str = "standard", batch_size: int = 500,
                  seed: int = 0, state_path: Path | None = None, fingerprint: str = "",
-                 progress: Callable[[str, int, int], None] | None = None, num_classes: int = 10):
+                 progress: Callable[[str, int, int], None] | None = None, num_classes: int = 10, dist=None):
         self.model = model
+        self.dist = dist  # a data-parallel run's DistContext: batches go round-robin to the ranks
         self.eps = float(eps)
         self.version = version
         self.parts = ensemble(version, num_classes)
@@ -165,6 +171,8 @@ class AutoAttack:
     def _run(self, x: Tensor, y: Tensor) -> dict:
         n = len(y)
         st = self._load(n)
+        if self.dist is not None:
+            st = self.dist.broadcast(st)
         self.resumed = st is not None
         if st is None:
             t0 = time.perf_counter()
@@ -186,16 +194,21 @@ class AutoAttack:
             pending = st["pending"]
             record = st["parts"][-1]
             batches = [pending[i:i + self.batch_size] for i in range(0, len(pending), self.batch_size)]
+            rank, world = (self.dist.rank, self.dist.world) if self.dist is not None else (0, 1)
             while st["batch"] < len(batches):
-                idx = torch.tensor(batches[st["batch"]], dtype=torch.long)
                 t0 = time.perf_counter()
-                xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
-                x_adv = part.run(self.model, xb, yb, self.eps, _generator(self.seed, st["part"], st["batch"]))
-                fooled = fools(self.model, x_adv, xb, yb, self.eps).cpu()
-                robust[idx[fooled]] = False
-                record["fooled"] += int(fooled.sum())
+                mine, fooled_idx = st["batch"] + rank, []
+                if mine < len(batches):
+                    idx = torch.tensor(batches[mine], dtype=torch.long)
+                    xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
+                    x_adv = part.run(self.model, xb, yb, self.eps, _generator(self.seed, st["part"], mine))
+                    fooled_idx = idx[fools(self.model, x_adv, xb, yb, self.eps).cpu()].tolist()
+                if self.dist is not None:
+                    fooled_idx = [i for got in self.dist.all_gather(fooled_idx) for i in got]
+                robust[torch.tensor(fooled_idx, dtype=torch.long)] = False
+                record["fooled"] += len(fooled_idx)
                 record["seconds"] += time.perf_counter() - t0
-                st["batch"] += 1
+                st["batch"] = min(st["batch"] + world, len(batches))
                 st["robust"] = "".join("1" if r else "0" for r in robust.tolist())
                 self._save(st)
                 if self.progress is not None:

@@ -16,12 +16,13 @@ def _fgsm_chunk(net: nn.Module, x: Tensor, y: Tensor, start: Tensor, *, eps: flo
 
 
 def fgsm_rs(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int = 1,
-            restarts: int = 1, generator: torch.Generator | None = None) -> Tensor:
+            restarts: int = 1, generator: torch.Generator | None = None,
+            rows: tuple[int, int, int] | None = None) -> Tensor:
     """FGSM with a random start (Wong et al., 2020, "fast adversarial training"): one signed step of
     ``step_size`` (typically 1.25 eps) from a uniform random point of the eps-ball (from ``generator`` when
-    given, see :func:`.pgd._random_start`), then projection."""
+    given; ``rows``: see :func:`.pgd._random_start`), then projection."""
     with eval_mode(model):
-        start = _random_start(x, eps, generator)
+        start = _random_start(x, eps, generator, rows)
         run = lambda m, *b: _fgsm_chunk(m, *b, eps=eps, step_size=step_size)  # noqa: E731
         return _split_run(run, attack_model(model), model, x, y, start)
 

@@ -30,15 +30,32 @@ def _input_grad(model: nn.Module, x_adv: Tensor, y: Tensor, loss: str = "ce") ->
     return grad
 
 
-def _random_start(x: Tensor, eps: float, generator: torch.Generator | None = None) -> Tensor:
+def _random_start(x: Tensor, eps: float, generator: torch.Generator | None = None,
+                  rows: tuple[int, int, int] | None = None) -> Tensor:
     """A uniform point of the eps-ball around ``x``, clipped to [0, 1]. With a (CPU) ``generator`` it is drawn on
     the CPU and moved to ``x``'s device: the same numbers on every device (evaluations); without one, from the
-    device's own generator (training: no host round trip)."""
-    if generator is None:
-        delta = torch.empty_like(x).uniform_(-eps, eps)
+    device's own generator (training: no host round trip).
+
+    ``rows = (start, stop, total)``: ``x`` is rows ``start:stop`` of a batch of ``total`` (a data-parallel rank's
+    share): the noise is drawn for the whole batch and those rows taken, so each example starts where it would
+    in one process and every rank's generator stays in the same state."""
+    shape = x.shape if rows is None else (rows[2], *x.shape[1:])
+    if generator is None:  # in x's memory format: the numbers land where they always have
+        fmt = (torch.channels_last if x.dim() == 4 and not x.is_contiguous()
+               and x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
+        delta = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt).uniform_(-eps, eps)
     else:
-        delta = torch.empty(x.shape, dtype=x.dtype).uniform_(-eps, eps, generator=generator).to(x.device)
+        delta = torch.empty(shape, dtype=x.dtype).uniform_(-eps, eps, generator=generator).to(x.device)
+    if rows is not None:
+        delta = delta[rows[0]:rows[1]]
     return (x + delta).clamp_(0.0, 1.0)
+
+
+def skip_random_starts(x: Tensor, eps: float, generator: torch.Generator, count: int) -> None:
+    """Advance ``generator`` past the ``count`` random starts an attack of ``x`` would draw (a batch another
+    rank evaluates), so the next batch's starts are those of a single process."""
+    for _ in range(count):
+        _random_start(x, eps, generator)
 
 
 def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -82,17 +99,18 @@ def _pgd_chunk(net: nn.Module, x: Tensor, y: Tensor, lo: Tensor, hi: Tensor, *st
 
 def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, step_size: float, steps: int,
         restarts: int = 1, random_start: bool = True, loss: str = "ce",
-        generator: torch.Generator | None = None) -> Tensor:
+        generator: torch.Generator | None = None, rows: tuple[int, int, int] | None = None) -> Tensor:
     """Madry PGD-Linf: uniform random start in the eps-ball, ``steps`` signed-gradient ascent steps of
     ``step_size`` on ``loss`` ("ce": cross-entropy, "cw": :func:`cw_loss`), projection onto the eps-ball and
     [0, 1] after each step. With ``restarts`` > 1 the worst case per example is kept (the first restart that
     fools the model). The random starts are drawn for the whole batch, in order, before any chunk runs (see
-    :func:`_split_run`), from ``generator`` when given (see :func:`_random_start`)."""
+    :func:`_split_run`), from ``generator`` when given, for the whole batch of a rank's ``rows`` (see
+    :func:`_random_start`)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown PGD loss {loss!r}; expected one of {', '.join(LOSSES)}")
     with eval_mode(model):
         net = attack_model(model)
-        starts = [_random_start(x, eps, generator) if random_start else x for _ in range(max(restarts, 1))]
+        starts = [_random_start(x, eps, generator, rows) if random_start else x for _ in range(max(restarts, 1))]
         run = lambda m, *b: _pgd_chunk(m, *b, step_size=step_size, steps=steps, loss=loss)  # noqa: E731
         return _split_run(run, net, model, x, y, x - eps, x + eps, *starts)
 
