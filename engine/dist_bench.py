@@ -84,7 +84,8 @@ def _worker(a: argparse.Namespace) -> None:
         Path(a.out).write_text(json.dumps({"ranks": everyone, "backend": dist.backend if dist else None}))
     if dist is not None:
         dist.barrier()
-        dist.close()
+        del train_fn, step  # (the DDP wrapper holds the process group)
+        dist_mod.exit_rank(dist, None, 0)
 
 
 def run_dist_bench(nproc: int, *, model: str = "lenet", width: int = 4, batch: int = 128, attack: str = "pgd",

@@ -238,6 +238,25 @@ class DistContext:
         return f"{self.world} ranks ({self.backend}{where})"
 
 
+def exit_rank(dist: DistContext, engine, code: int) -> None:
+    """End this rank's process with ``code`` once its work is written: DDP released, the process group destroyed,
+    output flushed, and no interpreter shutdown after that (gloo's threads may still hold tensors then, and a
+    late signal takes its default action: either aborts a rank whose run has ended)."""
+    import gc
+    import sys
+
+    if engine is not None:
+        engine.release_parallel()
+    gc.collect()
+    dist.close()
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def rank_info(device: torch.device) -> dict:
     return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(device)}
 
@@ -271,10 +290,11 @@ def launch(nproc: int, worker_args: list[str], *, say, run_dir: str) -> int:
     """Run ``python WORKER_ARGS`` (``-m robprune run ...``) as ``nproc`` ranks on this machine through torch.distributed.run (its
     ``--standalone`` rendezvous, no restarts) and return the run's exit code.
 
-    The agent runs off the main thread, so torch installs no signal handlers: Ctrl-C and a hang-up reach the ranks
-    from the terminal, as in one process (each stops at the same step with a checkpoint); SIGTERM sent to this
-    process is passed on to the ranks. A rank that dies ends the others (see the module docstring); ``say`` gets
-    one line naming it."""
+    torchrun starts each rank in a session of its own, so no signal of the terminal reaches it: this process passes
+    Ctrl-C (SIGINT), SIGHUP and SIGTERM on to the ranks, which then behave as one process does (the first Ctrl-C
+    stops every rank at the same step with a checkpoint, a second at once). A SIGHUP ignored when we start
+    (``nohup``) stays ignored. The agent runs off the main thread, so torch installs no handlers of its own. A
+    rank that dies ends the others (see the module docstring); ``say`` gets one line naming it."""
     import logging
     import signal
     import threading
@@ -299,17 +319,16 @@ def launch(nproc: int, worker_args: list[str], *, say, run_dir: str) -> int:
         except BaseException as exc:  # noqa: BLE001 - reported below, in one line
             result["error"] = exc
 
-    def on_term(signum, frame) -> None:
+    def forward(signum, frame) -> None:
         for pid in _children():
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signum)
             except OSError:
                 pass
 
-    signal.signal(signal.SIGTERM, on_term)
-    for sig in (signal.SIGINT, getattr(signal, "SIGHUP", None)):
-        if sig is not None and signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, lambda signum, frame: None)  # the ranks got it too, from the terminal
+    for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        if sig is not None and (sig != getattr(signal, "SIGHUP", None) or signal.getsignal(sig) != signal.SIG_IGN):
+            signal.signal(sig, forward)
     thread = threading.Thread(target=agent, name="robprune-launch", daemon=True)
     thread.start()
     while thread.is_alive():

@@ -300,6 +300,11 @@ class Engine:
         self.train_fn = torch.compile(self.ddp, dynamic=False) if self.cfg.run.compile else self.ddp
         self._buffers = any(True for _ in self.model.buffers())
 
+    def release_parallel(self) -> None:
+        """Drop the DDP wrapper (it holds the process group) before the group is destroyed."""
+        self.ddp = None
+        self.train_fn = self.model
+
     def _load_init(self, path: str) -> None:
         p = Path(path)
         if p.is_dir():

@@ -267,6 +267,23 @@ def test_a_killed_rank_ends_the_run_and_the_checkpoint_resumes_exactly(tmp_path)
     assert json.loads((other / "summary.json").read_text())["status"] == "completed"
 
 
+def test_ctrl_c_to_the_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
+    """torchrun puts each rank in a session of its own: robprune run --nproc passes the terminal's Ctrl-C on, so
+    the ranks stop as one process does (at one step, with a checkpoint, exit 130)."""
+    rd = tmp_path / "run"
+    proc = spawn("run", write_profile(tmp_path, TINY), "--run-dir", rd, "--nproc", "2",
+                 *sets(with_(LONG, "phases.admm.epochs=400")))
+    wait_for(lambda: any(r["type"] == "checkpoint" and r["phase"] == "admm" for r in records(rd / "events.jsonl")), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert f"stopped; resume with: robprune run --resume {rd} --nproc 2" in err
+    assert "stop (all 2 ranks at step" in err, err[-2000:]
+    stop = [r for r in records(rd / "events.jsonl") if r["type"] == "stop"]
+    assert len(stop) == 1 and [r["step"] for r in stop[0]["ranks"]] == [stop[0]["step"]] * 2
+    assert torch.load(rd / "checkpoint.pt", weights_only=False)["step"] == stop[0]["step"] < 8 * 402
+
+
 def test_bad_input_under_nproc_is_one_line(tmp_path):
     prof = write_profile(tmp_path, TINY)
     p = robprune("run", prof, "--nproc", "2", "--set", "admm.rho=nan", timeout=120)
@@ -353,7 +370,8 @@ def test_bench_nproc_reports_scaling():
     assert bad.returncode == 2 and bad.stderr.count("robprune: error:") == 1 and "--model" in bad.stderr
 
 
-DIVERGE = """
+DIVERGE = r"""
+import os
 import sys
 import torch
 from robprune.engine import distributed as dist_mod
@@ -368,9 +386,9 @@ if dist.rank == 1:
 try:
     s.engine.checkpoint_state()
 except dist_mod.RanksDiverged as exc:
-    print(f"rank {dist.rank}: {exc}")
+    os.write(1, f"rank {dist.rank}: {exc}\n".encode())  # one write: the two ranks' lines never interleave
 s.rundir.close()
-dist.close()
+dist_mod.exit_rank(dist, s.engine, 0)
 """
 
 

@@ -93,8 +93,7 @@ def run(
     checkpoint: resume from the last one); 1 any other error (traceback in events.jsonl).
     """
     from robprune.engine import distributed as dist_mod
-    from robprune.engine.errors import NonFiniteError
-    from robprune.tui.headless import HeadlessPrinter, summary_table
+    from robprune.tui.headless import HeadlessPrinter
 
     dist = None
     try:
@@ -126,13 +125,13 @@ def run(
             _output_to(session.rundir.path / OUTPUT_LOG if dist is None or dist.writer else Path(os.devnull))
     except UserError as exc:
         if dist is not None:
-            dist.close()  # (a process group left to the interpreter's exit aborts it)
+            _say(f"robprune: error: {str(exc).splitlines()[0]}")
+            dist_mod.exit_rank(dist, None, 2)
         fail(exc)
     except (dist_mod.AgreedExit, dist_mod.RankLost) as exc:  # rank 0 reported the reason (or it is gone)
         if isinstance(exc, dist_mod.RankLost):
             _say(f"robprune: error: {exc}")
-        dist.close()
-        raise typer.Exit(exc.exit_code)
+        dist_mod.exit_rank(dist, None, exc.exit_code)
     if not quiet:
         err.print(f"run directory: {session.rundir.path}", highlight=False)
     printer = HeadlessPrinter(err, quiet=quiet)
@@ -157,9 +156,29 @@ def run(
     except OSError:  # the terminal or the pipe we print to went away: the run goes on, its records are on disk
         _detach_from_terminal(always=True)
         session.join()
+    if dist is None:
+        _end_of_run(session, None, interrupts)
+        return
+    if not isinstance(session.error, dist_mod.RankLost):
+        try:  # wait for the others (rank 0 may still be writing); nothing to wait for when a rank is gone
+            dist.barrier()
+        except dist_mod.RankLost:
+            pass
+    try:
+        _end_of_run(session, dist, interrupts)
+        code = 0
+    except typer.Exit as ex:
+        code = ex.exit_code
+    dist_mod.exit_rank(dist, session.engine, code)
+
+
+def _end_of_run(session, dist, interrupts: int) -> None:
+    """What ``robprune run`` says when its run has ended, and its exit code (typer.Exit)."""
+    from robprune.engine import distributed as dist_mod
+    from robprune.engine.errors import NonFiniteError
+    from robprune.tui.headless import summary_table
+
     e = session.error
-    if dist is not None:
-        _leave_together(dist, e)
     if e is not None:
         if isinstance(e, UserError):
             fail(e)
@@ -197,19 +216,6 @@ def _launch(nproc, profile, overrides, run_dir, resume, quiet, output_log, cfg) 
              + (f"{threads} (OMP_NUM_THREADS)" if threads else "1 (torchrun's default; set OMP_NUM_THREADS or "
                                                              "run.threads for more)"))
     raise typer.Exit(launch(nproc, args, say=_say, run_dir=str(rd)))
-
-
-def _leave_together(dist, error: BaseException | None) -> None:
-    """A data-parallel rank whose run ended: wait for the others (rank 0 may still be writing), then leave the
-    process group. Nothing to wait for when a rank is gone."""
-    from robprune.engine.distributed import RankLost
-
-    if not isinstance(error, RankLost):
-        try:
-            dist.barrier()
-        except RankLost:
-            pass
-    dist.close()
 
 
 def _output_to(path: Path) -> None:

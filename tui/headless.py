@@ -77,7 +77,11 @@ class HeadlessPrinter(ProgressPrinter):
             color = {"warning": "yellow", "error": "red"}.get(e.level, "dim")
             self._print(f"[{color}]{e.level}[/] {e.message}")
         elif isinstance(e, ev.CommandApplied):
-            self._print(f"[magenta]{e.command}[/] {e.args if e.args else ''}")
+            args = {k: v for k, v in e.args.items() if k != "ranks"}  # a data-parallel run's per-rank record
+            steps = sorted({r.get("step") for r in e.args.get("ranks") or ()})
+            ranks = (f" (all {len(e.args['ranks'])} ranks at step {steps[0]})" if len(steps) == 1 else
+                     f" (the ranks at steps {steps})" if steps else "")
+            self._print(f"[magenta]{e.command}[/]" + (f" {args}" if args else "") + ranks)
         elif isinstance(e, ev.ErrorEvent):
             self._print(f"[red]error[/] {e.message}")
 
