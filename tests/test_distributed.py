@@ -339,6 +339,7 @@ def test_dashboard_starts_two_ranks_and_steers_them(tmp_path):
             assert r["ranks"][0]["step"] == r["step"]
         assert pause["step"] == rho["step"] == resume["step"]  # paused: no step between them
         assert set(rho["ranks"][0]["rho"].values()) == {0.375}
+        assert app.rs.resume_command() == f"robprune-tui --resume {rd} --nproc 2"  # what it says if the run dies
         time.sleep(0.5)
         assert RunDir(rd).engine_running()  # the dashboard is gone, the run is not
     finally:

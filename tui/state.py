@@ -30,6 +30,7 @@ class RunState:
     profile: str = ""
     device: str = ""
     run_dir: str = ""
+    world_size: int = 1  # a data-parallel run's ranks (its "distributed" event)
     phase_epochs: dict[str, int] = field(default_factory=dict)  # from the profile, for the run's ETA
     state: str = "starting"  # starting | running | paused | finished | stopped | error | not running
     engine_running: bool | None = None  # attached: does a process hold the run's lock (None: not known)
@@ -206,7 +207,11 @@ class RunState:
             self._note("info", "an engine is running this run again", r.get("t"))
 
     def resume_command(self) -> str:
-        return f"robprune-tui --resume {self.run_dir or 'RUN_DIR'}"
+        ranks = f" --nproc {self.world_size}" if self.world_size > 1 else ""
+        return f"robprune-tui --resume {self.run_dir or 'RUN_DIR'}{ranks}"
+
+    def _on_distributed(self, r: dict) -> None:
+        self.world_size = int(r["world_size"])
 
     def _on_error(self, r: dict) -> None:
         self.state = "error"
