@@ -299,6 +299,10 @@ def test_bad_input_under_nproc_is_one_line(tmp_path):
                         capture_output=True, text=True, env=ENV, timeout=300)
     assert tr.returncode != 0 and tr.stderr.count("robprune: error:") == 1, tr.stderr[-3000:]
     assert "--set: data.batch_size: expected an integer in [1, 65536], found 0" in tr.stderr
+    if torch.cuda.device_count() < 2:  # a rank per GPU: more ranks than GPUs is refused before any starts
+        gpus = robprune("run", prof, "--nproc", "2", "--set", 'run.device="cuda"', timeout=120)
+        assert gpus.returncode == 2 and gpus.stderr.count("robprune: error:") == 1, gpus.stderr
+        assert f"--nproc 2: this machine has {torch.cuda.device_count()} CUDA device(s)" in gpus.stderr
     inside = robprune("run", prof, "--nproc", "2", env={**ENV, "WORLD_SIZE": "2", "RANK": "0"})
     assert inside.returncode == 2 and "give --nproc or use torchrun, not both" in inside.stderr
 

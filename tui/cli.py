@@ -201,9 +201,19 @@ def _end_of_run(session, dist, interrupts: int) -> None:
 def _launch(nproc, profile, overrides, run_dir, resume, quiet, output_log, cfg) -> None:
     """``robprune run --nproc N``: start the ranks (each ``robprune run`` with the same arguments) and exit with
     the run's code. The run directory is chosen here, so every rank, and SIGTERM's forwarding, know it."""
+    import torch
+
+    from robprune.engine.config import load_profile
     from robprune.engine.distributed import launch
     from robprune.engine.rundir import default_run_dir
+    from robprune.engine.session import rd_profile, resolve_device_type
 
+    if cfg is None:
+        cfg = load_profile(rd_profile(resume))
+    gpus = torch.cuda.device_count()
+    if resolve_device_type(cfg) == "cuda" and nproc > gpus:
+        raise UserError(f"--nproc {nproc}: this machine has {gpus} CUDA device(s), and each rank needs its own: "
+                        f"give --nproc {gpus} or less (several machines: torchrun, docs/distributed.md)")
     if resume is not None:
         rd, args = Path(resume), ["--resume", str(resume)]
     else:
