@@ -40,7 +40,7 @@ def _worker(a: argparse.Namespace) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dist = dist_mod.DistContext.from_env()
-    want = "cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available()) else "cpu"
+    want = dist_mod.device_type(a.device)
     if dist is not None:
         dist.init(want, 600.0)
     dev = dist.device(want) if dist is not None else torch.device(want)

@@ -94,6 +94,11 @@ def world_from_env() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+def device_type(want: str) -> str:
+    """``cuda`` or ``cpu`` for a device setting (``auto``: CUDA when this machine has it)."""
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def shard_rows(total: int, rank: int, world: int) -> tuple[int, int]:
     """Rows ``[start, stop)`` of a batch of ``total`` examples that ``rank`` of ``world`` takes: contiguous
     shares, the first ``total % world`` one example larger (as ``torch.tensor_split``)."""

@@ -11,7 +11,6 @@ import contextlib
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -255,6 +254,11 @@ class Engine:
                                   f"false for {cfg.model.arch} width {cfg.model.width} on the CPU", True,
                                   hint=hazard)
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.dist is not None and cfg.run.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError(cfg.origin("run.sync_bn"), "run.sync_bn", "false on the CPU (SyncBatchNorm "
+                                  "runs on GPUs only)", True)
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if cfg.run.init and self.resume_state is None and self.writer:  # DDP hands rank 0's weights to the others
             self._load_init(cfg.run.init)
         self.params = prunable_parameters(self.model)
@@ -276,12 +280,6 @@ class Engine:
                                            seed=cfg.run.seed, augment=cfg.data.augment and cfg.data.name == "cifar10",
                                            drop_last=cfg.run.compile and n_train >= cfg.data.batch_size,
                                            shard=(self.dist.rank, self.dist.world) if self.dist else None)
-        if self.dist is not None and cfg.run.sync_bn:
-            if self.device.type != "cuda":
-                raise ConfigError(cfg.origin("run.sync_bn"), "run.sync_bn", "false on the CPU (SyncBatchNorm "
-                                  "runs on GPUs only)", True)
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            self.params = prunable_parameters(self.model)
         self.eval_x, self.eval_y = data_mod.eval_subset(self.data.test_x, self.data.test_y, cfg.eval.subset)
         self.train_fn = self.model
         if cfg.run.compile and self.dist is None:
@@ -355,17 +353,18 @@ class Engine:
                 return None
         except BaseException as exc:
             self.state = "error"
+            lost = None  # a collective inside a training step (DDP's backward) whose peer is gone
             if self.dist is not None and not isinstance(exc, dist_mod.RankLost) and dist_mod.comm_failure(exc):
-                exc = dist_mod.RankLost(f"rank {self.dist.rank}: lost contact with the other ranks during a "
-                                        f"training step ({dist_mod.short(exc)})")
+                exc = lost = dist_mod.RankLost(f"rank {self.dist.rank}: lost contact with the other ranks during a "
+                                               f"training step ({dist_mod.short(exc)})")
             if isinstance(exc, dist_mod.RankLost):
                 ck = self.last_checkpoint
                 self.log("error", f"{exc}: stopping without a checkpoint; "
                          + (f"the last one (step {ck['step']}) resumes: robprune run --resume {self.rundir.path} "
                             f"--nproc {self.dist.world}" if ck else "no checkpoint had been written yet"))
             self.bus.emit(ErrorEvent.from_exception(exc))
-            if exc is not sys.exc_info()[1]:
-                raise exc from None
+            if lost is not None:
+                raise lost from None
             raise
         finally:
             if self.masked is not None:
@@ -509,11 +508,13 @@ class Engine:
         if acc is None or acc[2] == 0:
             return
         now = time.monotonic()
-        sums = torch.stack([acc[0].float(), acc[1].float(), self._nf.float(),
-                            torch.tensor(float(acc[2]), device=self.device)])
+        n = acc[2]
+        sums = torch.stack([acc[0].float(), acc[1].float(), self._nf.float()])
         if self.dist is not None:  # the whole global batch's numbers, the same on every rank
-            self.dist.all_reduce_sum(sums)
-        loss_sum, correct, nonfinite, n = sums.tolist()
+            sums = self.dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(n)])]))
+            loss_sum, correct, nonfinite, n = sums.tolist()
+        else:
+            loss_sum, correct, nonfinite = sums.tolist()
         penalty = float(self.admm.penalty().item()) if self.admm is not None else 0.0
         pc = getattr(self.cfg.phases, self.phase)
         self.bus.emit(StepMetrics(

@@ -76,7 +76,8 @@ class Session:
             cfg = load_profile(rd_profile(resume)) if resume is not None else load_profile(profile, overrides)
         except UserError as exc:
             early = exc
-        dist.init(resolve_device_type(cfg), cfg.run.dist_timeout_s if cfg is not None else 600.0)
+        dist.init(dist_mod.device_type(cfg.run.device if cfg is not None else "auto"),
+                  cfg.run.dist_timeout_s if cfg is not None else 600.0)
         outcome: dict = {"ok": False, "error": ""}
         session = None
         if dist.writer:
@@ -271,11 +272,3 @@ def rd_profile(run_dir: str | Path) -> Path:
     if not p.is_file():
         raise UserError(f"{p}: missing; {run_dir} is not a robprune run directory")
     return p
-
-
-def resolve_device_type(cfg: Config | None) -> str:
-    """``cuda`` or ``cpu`` for ``cfg.run.device`` (no profile: what this machine has)."""
-    import torch
-
-    want = cfg.run.device if cfg is not None else "auto"
-    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"

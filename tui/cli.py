@@ -204,14 +204,14 @@ def _launch(nproc, profile, overrides, run_dir, resume, quiet, output_log, cfg) 
     import torch
 
     from robprune.engine.config import load_profile
-    from robprune.engine.distributed import launch
+    from robprune.engine.distributed import device_type, launch
     from robprune.engine.rundir import default_run_dir
-    from robprune.engine.session import rd_profile, resolve_device_type
+    from robprune.engine.session import rd_profile
 
     if cfg is None:
         cfg = load_profile(rd_profile(resume))
     gpus = torch.cuda.device_count()
-    if resolve_device_type(cfg) == "cuda" and nproc > gpus:
+    if device_type(cfg.run.device) == "cuda" and nproc > gpus:
         raise UserError(f"--nproc {nproc}: this machine has {gpus} CUDA device(s), and each rank needs its own: "
                         f"give --nproc {gpus} or less (several machines: torchrun, docs/distributed.md)")
     if resume is not None:
