@@ -5,6 +5,12 @@ from one run to the next), timed by this process from start to exit: setup, the 
 evaluation, everything a user waits for. Its accuracies and sparsity are read back from the run's summary.json.
 Running A, B, A, B, ... side by side spreads a machine's drift (other jobs, thermal state) over both profiles
 alike; the medians and the ratio of median wall times are the numbers to quote.
+
+Each run's wall time is also split into the parts a profile controls and the part it does not: ``train_s`` (the
+three phases, as the run's summary.json times them), ``autoattack_s`` (the final AutoAttack, whose cost grows with
+the number of examples it cannot fool, so a more robust model pays more) and ``other_s`` (the rest: start-up,
+setup, phase-end and final PGD evaluations). ``train_time_ratio`` is the ratio of the median training times: the
+time to a model of the measured quality, where ``time_ratio`` is the time to a model and its final evaluation.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from .config import load_profile, resolve_profile
 from .errors import UserError
 from .rundir import read_json_state
 
-_FIELDS = ("wall_s", "nat_acc", "pgd_acc", "autoattack_acc", "sparsity")
+_FIELDS = ("wall_s", "train_s", "autoattack_s", "other_s", "nat_acc", "pgd_acc", "autoattack_acc", "sparsity")
 
 
 def _one_run(profile: str, run_dir: Path, overrides: Sequence[str]) -> dict:
@@ -41,7 +47,12 @@ def _one_run(profile: str, run_dir: Path, overrides: Sequence[str]) -> dict:
         raise UserError(f"robprune bench --pipeline: {run_dir / 'summary.json'}: missing or not a JSON object")
     final = s.get("final") or {}
     aa = final.get("autoattack") or {}
-    return {"wall_s": round(wall, 2), "nat_acc": final.get("nat_acc"), "pgd_acc": final.get("adv_acc"),
+    phases = s.get("phase_seconds") or {}
+    train = sum(v for v in phases.values() if isinstance(v, (int, float))) if isinstance(phases, dict) else None
+    aa_s = aa.get("seconds") if isinstance(aa.get("seconds"), (int, float)) else None
+    other = wall - (train or 0.0) - (aa_s or 0.0)
+    return {"wall_s": round(wall, 2), "train_s": None if train is None else round(train, 2),
+            "autoattack_s": None if aa_s is None else round(aa_s, 2), "other_s": round(other, 2), "nat_acc": final.get("nat_acc"), "pgd_acc": final.get("adv_acc"),
             "autoattack_acc": aa.get("robust_acc"), "sparsity": (s.get("sparsity") or {}).get("prunable"),
             "evaluation": (final.get("robust") or {}).get("attack"), "run_dir": str(run_dir)}
 
@@ -56,8 +67,9 @@ def _medians(runs: list[dict]) -> dict:
 
 def run_pipeline_bench(profile_a: str, profile_b: str, *, repeats: int = 3, out: str | Path | None = None,
                        overrides: Sequence[str] = (), progress: Callable[[str], None] | None = None) -> dict:
-    """Run ``profile_a`` and ``profile_b`` alternately ``repeats`` times each; return medians, every run, and
-    ``time_ratio`` = median wall time of B / median wall time of A. Run directories go under ``out`` (default: a
+    """Run ``profile_a`` and ``profile_b`` alternately ``repeats`` times each; return medians, every run,
+    ``time_ratio`` = median wall time of B / median wall time of A, and ``train_time_ratio`` = the same for the
+    time in the three phases. Run directories go under ``out`` (default: a
     temporary directory, removed afterwards). ``overrides`` (``key=value``) apply to both profiles."""
     if not 1 <= repeats <= 100:
         raise UserError(f"robprune bench --pipeline: --repeats must be between 1 and 100, got {repeats}")
@@ -87,6 +99,7 @@ def run_pipeline_bench(profile_a: str, profile_b: str, *, repeats: int = 3, out:
             tmp.cleanup()
     med = {k: _medians(v) for k, v in runs.items()}
     ratio = med["b"]["wall_s"] / med["a"]["wall_s"] if med["a"]["wall_s"] else None
+    train_ratio = med["b"]["train_s"] / med["a"]["train_s"] if med["a"]["train_s"] and med["b"]["train_s"] else None
     if tmp is not None:
         for v in runs.values():
             for run in v:
@@ -95,6 +108,7 @@ def run_pipeline_bench(profile_a: str, profile_b: str, *, repeats: int = 3, out:
         "a": {"profile": profile_a, "median": med["a"], "runs": runs["a"]},
         "b": {"profile": profile_b, "median": med["b"], "runs": runs["b"]},
         "time_ratio": None if ratio is None else round(ratio, 3),
+        "train_time_ratio": None if train_ratio is None else round(train_ratio, 3),
         "settings": {"repeats": repeats, "order": "a, b alternately", "overrides": list(overrides),
                      "timed": "each run's process from start to exit: setup, phases, final evaluation",
                      "cpus": os.cpu_count(), "torch": torch.__version__},

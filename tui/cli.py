@@ -579,8 +579,8 @@ def bench_cmd(
     pipeline: Optional[Tuple[str, str]] = typer.Option(
         None, "--pipeline", metavar="PROFILE_A PROFILE_B",
         help="Instead: run two profiles whole, alternately (A, B, A, B, ...), each in a fresh process, and report "
-             "wall time, natural / PGD / AutoAttack accuracy and sparsity of every run, their medians and the time "
-             "ratio B / A."),
+             "wall time (and its training, final AutoAttack and other parts), natural / PGD / AutoAttack accuracy "
+             "and sparsity of every run, their medians and the time ratios B / A (whole runs, training)."),
     out: Optional[Path] = typer.Option(None, "--out", help="With --pipeline: keep the run directories here "
                                                            "(default: a temporary directory, removed)."),
     overrides: List[str] = typer.Option([], "--set", help="With --pipeline: a profile key for both profiles "
