@@ -6,14 +6,14 @@ evaluation, everything a user waits for. Its accuracies and sparsity are read ba
 Running A, B, A, B, ... side by side spreads a machine's drift (other jobs, thermal state) over both profiles
 alike; the medians and the ratio of median wall times are the numbers to quote.
 
-Each run's wall time is also split into the parts a profile controls and the part it does not: ``train_s`` (the
-three phases, as the run's summary.json times them), ``autoattack_s`` (the final AutoAttack, whose cost grows with
-the number of examples it cannot fool, so a more robust model pays more) and ``other_s`` (the rest: start-up,
-setup, phase-end and final PGD evaluations). ``train_time_ratio`` is the ratio of the median training times: the
+Each run's wall time is also split in three: ``train_s`` (the three phases, as the run's summary.json times them),
+``autoattack_s`` (the final AutoAttack, whose cost grows with the number of examples it cannot fool, so a more
+robust model pays more) and ``other_s`` (the rest: start-up, setup, the phase-end and final PGD evaluations). ``train_time_ratio`` is the ratio of the median training times: the
 time to a model of the measured quality, where ``time_ratio`` is the time to a model and its final evaluation.
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -32,6 +32,13 @@ from .rundir import read_json_state
 _FIELDS = ("wall_s", "train_s", "autoattack_s", "other_s", "nat_acc", "pgd_acc", "autoattack_acc", "sparsity")
 
 
+def _seconds(value: object) -> float | None:
+    """A duration read back from summary.json: a finite number, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _one_run(profile: str, run_dir: Path, overrides: Sequence[str]) -> dict:
     cmd = [sys.executable, "-m", "robprune", "run", profile, "--run-dir", str(run_dir), "-q"]
     for o in overrides:
@@ -47,12 +54,14 @@ def _one_run(profile: str, run_dir: Path, overrides: Sequence[str]) -> dict:
         raise UserError(f"robprune bench --pipeline: {run_dir / 'summary.json'}: missing or not a JSON object")
     final = s.get("final") or {}
     aa = final.get("autoattack") or {}
-    phases = s.get("phase_seconds") or {}
-    train = sum(v for v in phases.values() if isinstance(v, (int, float))) if isinstance(phases, dict) else None
-    aa_s = aa.get("seconds") if isinstance(aa.get("seconds"), (int, float)) else None
+    phases = s.get("phase_seconds")
+    parts = [_seconds(v) for v in phases.values()] if isinstance(phases, dict) and phases else [None]
+    train = None if None in parts else sum(parts)
+    aa_s = _seconds(aa.get("seconds"))
     other = wall - (train or 0.0) - (aa_s or 0.0)
     return {"wall_s": round(wall, 2), "train_s": None if train is None else round(train, 2),
-            "autoattack_s": None if aa_s is None else round(aa_s, 2), "other_s": round(other, 2), "nat_acc": final.get("nat_acc"), "pgd_acc": final.get("adv_acc"),
+            "autoattack_s": None if aa_s is None else round(aa_s, 2), "other_s": round(other, 2),
+            "nat_acc": final.get("nat_acc"), "pgd_acc": final.get("adv_acc"),
             "autoattack_acc": aa.get("robust_acc"), "sparsity": (s.get("sparsity") or {}).get("prunable"),
             "evaluation": (final.get("robust") or {}).get("attack"), "run_dir": str(run_dir)}
 
@@ -69,8 +78,8 @@ def run_pipeline_bench(profile_a: str, profile_b: str, *, repeats: int = 3, out:
                        overrides: Sequence[str] = (), progress: Callable[[str], None] | None = None) -> dict:
     """Run ``profile_a`` and ``profile_b`` alternately ``repeats`` times each; return medians, every run,
     ``time_ratio`` = median wall time of B / median wall time of A, and ``train_time_ratio`` = the same for the
-    time in the three phases. Run directories go under ``out`` (default: a
-    temporary directory, removed afterwards). ``overrides`` (``key=value``) apply to both profiles."""
+    time in the three phases. Run directories go under ``out`` (default: a temporary directory, removed
+    afterwards). ``overrides`` (``key=value``) apply to both profiles."""
     if not 1 <= repeats <= 100:
         raise UserError(f"robprune bench --pipeline: --repeats must be between 1 and 100, got {repeats}")
     for profile in (profile_a, profile_b):  # bad input fails before anything runs
