@@ -8,8 +8,9 @@ alike; the medians and the ratio of median wall times are the numbers to quote.
 
 Each run's wall time is also split in three: ``train_s`` (the three phases, as the run's summary.json times them),
 ``autoattack_s`` (the final AutoAttack, whose cost grows with the number of examples it cannot fool, so a more
-robust model pays more) and ``other_s`` (the rest: start-up, setup, the phase-end and final PGD evaluations). ``train_time_ratio`` is the ratio of the median training times: the
-time to a model of the measured quality, where ``time_ratio`` is the time to a model and its final evaluation.
+robust model pays more) and ``other_s`` (the rest: start-up, setup, the phase-end and final PGD evaluations).
+``train_time_ratio`` is the ratio of the median training times: the time to a model of the measured quality,
+where ``time_ratio`` is the time to a model and its final evaluation.
 """
 from __future__ import annotations
 
