@@ -28,7 +28,7 @@ import torch
 
 from .config import load_profile, resolve_profile
 from .errors import UserError
-from .rundir import read_json_state
+from .rundir import ensure_dir, read_json_state
 
 _FIELDS = ("wall_s", "train_s", "autoattack_s", "other_s", "nat_acc", "pgd_acc", "autoattack_acc", "sparsity")
 
@@ -92,7 +92,7 @@ def run_pipeline_bench(profile_a: str, profile_b: str, *, repeats: int = 3, out:
         root = Path(tmp.name)
     else:
         root = Path(out)
-        root.mkdir(parents=True, exist_ok=True)
+        ensure_dir(root, "directory for the runs", "a directory for the runs", "--out")
     names = {"a": profile_a, "b": profile_b}
     runs: dict[str, list[dict]] = {"a": [], "b": []}
     try:

@@ -198,6 +198,27 @@ def _damage(path: Path, exc: BaseException) -> str:
     return f"corrupt ({lines[0] if lines else type(exc).__name__})"
 
 
+def ensure_dir(path: Path, what: str, expected: str, option: str) -> list[Path]:
+    """Make the directory ``path`` (and its missing parents), or take it when it is one already; return the
+    directories made, outermost first (none when it was there). What stands in the way (a file, a device or a
+    dangling link at ``path``, a file above it, a place that cannot be written) is one UserError naming the path,
+    what it should have been (``what``: "run directory"; ``expected``: "a new or empty directory for the run") and
+    the ``option`` to change. The one check for every directory a command writes into."""
+    try:
+        if path.is_symlink() or path.exists():
+            if not path.is_dir():
+                raise UserError(f"{path}: is not a directory (a file or a device is there): expected {expected} "
+                                f"(choose another {option})")
+            return []
+        missing = [q for q in (path, *path.parents) if not q.exists()][::-1]
+        path.mkdir(mode=DIR_MODE, parents=True)
+        return missing
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise UserError(f"{path}: cannot create the {what}: {reason}: expected a writable place "
+                        f"(choose another {option})") from None
+
+
 def default_run_dir(name: str, root: str | Path = "runs") -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{name}-{stamp}"
@@ -271,22 +292,14 @@ class RunDir:
         """Make the run directory (or take an empty one) and write profile.toml and meta.json. Anything that
         stands in the way is one line naming the path; :meth:`remove_created` undoes exactly what this made."""
         p = self.path
+        self.made_dirs = ensure_dir(p, "run directory", "a new or empty directory for the run", "--run-dir")
         try:
-            if p.is_symlink() or p.exists():
-                if not p.is_dir():
-                    raise UserError(f"{p}: is not a directory (a file or a device is there): expected a new or "
-                                    "empty directory for the run (choose another --run-dir)")
-                if any(p.iterdir()) and not exist_ok:
-                    raise UserError(f"{p}: run directory already exists and is not empty "
-                                    "(choose another --run-dir, or resume it)")
-            else:
-                missing = [q for q in (p, *p.parents) if not q.exists()][::-1]
-                p.mkdir(mode=DIR_MODE, parents=True)
-                self.made_dirs = missing
+            if not self.made_dirs and any(p.iterdir()) and not exist_ok:
+                raise UserError(f"{p}: run directory already exists and is not empty "
+                                "(choose another --run-dir, or resume it)")
         except OSError as exc:
-            reason = (exc.strerror or str(exc)).lower()
-            raise UserError(f"{p}: cannot create the run directory: {reason}: expected a writable place "
-                            "(choose another --run-dir)") from None
+            raise UserError(f"{p}: cannot read the run directory: {(exc.strerror or str(exc)).lower()}: expected "
+                            "a readable place (choose another --run-dir)") from None
         self.check_links()
         self._made_files = ["profile.toml", "meta.json"]
         atomic_write_text(self.profile, profile_toml)

@@ -174,6 +174,28 @@ def test_run_dir_in_a_read_only_place(tmp_path):
     one_line_error(robprune("run", p, "--run-dir", tmp_path / "ro" / "r"), "cannot create the run directory")
 
 
+@pytest.mark.parametrize("command", ["experiment", "pipeline-bench"])
+@pytest.mark.parametrize("where", ["file", "under-file", "dev-null", "dangling-link"])
+def test_out_directory_that_cannot_be_one(tmp_path, command, where):
+    """`--out` of robprune experiment and of robprune bench --pipeline: what stands in the way is one line naming
+    the path, exit 2, before anything runs; nothing of the user's is touched."""
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    out, words = {"file": (tmp_path / "afile", "is not a directory (a file or a device is there)"),
+                  "under-file": (tmp_path / "afile" / "out", "cannot create the "),
+                  "dev-null": (Path("/dev/null"), "is not a directory"),
+                  "dangling-link": (tmp_path / "link", "is not a directory")}[where]
+    p = tmp_path / "p.toml"
+    p.write_text(TINY)
+    args = (["experiment", "weight-dist", p, "--preset", "tiny", "-q"] if command == "experiment"
+            else ["bench", "--pipeline", p, p, "--repeats", "1"])
+    line = one_line_error(robprune(*args, "--out", out, timeout=120), f"{out}: {words}", "choose another --out")
+    assert "under-file" != where or "not a directory" in line
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert not (tmp_path / "nowhere").exists()
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["afile", "link", "p.toml"]
+
+
 def test_setup_error_keeps_the_users_empty_run_dir(tmp_path):
     """A setup error removes only what this process made: the user's own (empty) --run-dir stays."""
     p = tmp_path / "p.toml"

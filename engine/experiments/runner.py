@@ -4,6 +4,7 @@ other (reusing finished runs, resuming an unfinished one, stoppable with a check
 how the numbers were made."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -13,7 +14,7 @@ import torch
 from .. import data as data_mod
 from ..config import Config, dump_toml, load_profile
 from ..errors import UserError
-from ..rundir import RunDir, safe_torch_load
+from ..rundir import RunDir, ensure_dir, safe_torch_load
 from . import budgets, convergence, lottery, schemes, scratch_vs_pruned, transfer, weight_dist
 from .presets import EXPERIMENTS, PARAM_PREFIX, experiment_params, hint, load_preset, preset_path, profile_overrides
 from .record import results_record
@@ -41,7 +42,8 @@ class Experiment(Specs):
                             + hint(name, EXPERIMENTS))
         self.name = name
         self.profile = Path(profile)
-        self.out = Path(out if out is not None else Path("experiments") / name).resolve()
+        # absolute, but not through symlinks: a link at --out is checked as the link (ensure_dir), not its target
+        self.out = Path(os.path.abspath(out if out is not None else Path("experiments") / name))
         self.preset_name = str(preset)
         self.preset = load_preset(preset)
         self.progress = progress or (lambda e: None)
@@ -93,7 +95,7 @@ class Experiment(Specs):
     def run(self) -> dict:
         """Execute every run (reusing finished ones), then write the report. Returns results.json's dict."""
         t0 = time.time()
-        self.out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.out, "report directory", "a directory for the report and its runs", "--out")
         self.progress({"type": "experiment", "name": self.name, "runs": len(self.plan), "out": str(self.out),
                        "preset": self.preset_name})
         for i, spec in enumerate(self.plan):
