@@ -35,6 +35,7 @@ from .config import ATTACK_KINDS, PHASES, PhaseConfig
 from .models import build_model, cpu_channels_last_hazard, prunable_parameters
 from .pipeline import adversarial_step, bf16_usable, make_optimizer
 from .pruning import MaskedParams, layer_scheme, n_pruned, project
+from .resources import memory_available, model_memory
 
 MODELS = ("lenet", "resnet18", "vgg16", "wrn")
 
@@ -371,6 +372,13 @@ def run_bench(model: str = "lenet", width: int = 4, batch: int = 128, attack: st
     # as in the engine: bf16 autocast only on a GPU with native bf16 (compute capability 8.0 or newer)
     use_bf16, bf16_note = bf16_usable(dev, bool(bf16))
 
+    n_params, need = model_memory(model, width, num_classes=10, in_channels=in_ch, image_size=side, depth=depth)
+    need = (2 if baseline else 1) * need + 4 * batch * in_ch * side * side * 4  # each loop's model, 4 input batches
+    have, what = memory_available(dev)
+    if need > have:
+        raise ValueError(f"--width {width}, --batch {batch}: {model} has {n_params:,} parameters; with its state "
+                         f"and the inputs about {need / 2**30:.1f} GiB, expected a model and batch that fit "
+                         f"in {what} ({have / 2**30:.1f} GiB)")
     torch.manual_seed(seed)
     base_net = build_model(model, width, num_classes=10, in_channels=in_ch, image_size=side, depth=depth)
     hazard = cpu_channels_last_hazard(base_net) if channels_last and dev.type == "cpu" else None

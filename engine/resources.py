@@ -110,6 +110,17 @@ def memory_available(device: torch.device) -> tuple[int, str]:
         return 1 << 62, "memory"
 
 
+def model_memory(arch: str, width: int, **kw) -> tuple[int, int]:
+    """(parameters, bytes) of the model ``build_model(arch, width, **kw)`` would make, counted on the meta device
+    (no memory): the bytes are those its weights, gradients, optimizer and ADMM state take in a run."""
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(arch, width, **kw)
+    n = sum(p.numel() for p in model.parameters())
+    return n, n * _BYTES_PER_PARAM
+
+
 def check_fits(cfg, device: torch.device | None = None) -> None:
     """Refuse a model or a data set that cannot fit (one line with the estimate), before a run directory exists.
 
@@ -117,18 +128,14 @@ def check_fits(cfg, device: torch.device | None = None) -> None:
     for the named ones and given for synthetic data."""
     from .data import dataset_spec
     from .errors import ConfigError
-    from .models import build_model
 
     device = device or torch.device("cuda" if cfg.run.device in ("auto", "cuda") and torch.cuda.is_available()
                                     else "cpu")
     have, what = memory_available(device)
     spec = dataset_spec(cfg.data.name)
-    with torch.device("meta"):
-        model = build_model(cfg.model.arch, cfg.model.width, num_classes=spec.num_classes,
-                            in_channels=spec.in_channels, image_size=spec.image_size, depth=cfg.model.depth,
-                            source=cfg.source)
-    n = sum(p.numel() for p in model.parameters())
-    need = n * _BYTES_PER_PARAM
+    n, need = model_memory(cfg.model.arch, cfg.model.width, num_classes=spec.num_classes,
+                           in_channels=spec.in_channels, image_size=spec.image_size, depth=cfg.model.depth,
+                           source=cfg.source)
     if need > have:
         key = "model.width"
         raise ConfigError(cfg.origin(key), key, f"a model that fits in {what} ({have / 2**30:.1f} GiB)",

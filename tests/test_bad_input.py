@@ -174,6 +174,21 @@ def test_run_dir_in_a_read_only_place(tmp_path):
     one_line_error(robprune("run", p, "--run-dir", tmp_path / "ro" / "r"), "cannot create the run directory")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--width", "100000"], "'--width': Input should be less than or equal to 1024"),
+    (["--model", "resnet18", "--width", "1024"], "--width 1024, --batch 128: resnet18 has 45,702,189,066 parameters"),
+    (["--batch", "0"], "'--batch': Input should be greater than or equal to 1"),
+    (["--steps", "99999"], "'--steps': Input should be less than or equal to 10000"),
+    (["--model", "wrn", "--depth", "0"], "'--depth': Input should be greater than or equal to 1"),
+    (["--iters", "10000000"], "'--iters': Input should be less than or equal to 100000"),
+], ids=["width-over-the-bound", "width-that-cannot-fit", "batch-0", "steps-huge", "depth-0", "iters-huge"])
+def test_bench_settings_out_of_range_are_refused_before_anything_is_built(args, words):
+    r = robprune("bench", *args, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr[-2000:]
+    assert words in " ".join(r.stderr.split()), r.stderr
+    assert r.stdout == ""
+
+
 @pytest.mark.parametrize("command", ["experiment", "pipeline-bench"])
 @pytest.mark.parametrize("where", ["file", "under-file", "dev-null", "dangling-link"])
 def test_out_directory_that_cannot_be_one(tmp_path, command, where):

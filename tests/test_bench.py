@@ -666,6 +666,25 @@ def test_run_bench_rejects_bad_settings():
         run_bench(model="resnet18", width=1, device="cpu", channels_last=True)
 
 
+def test_run_bench_refuses_a_model_that_cannot_fit_before_allocating_it(monkeypatch):
+    """The estimate counts parameters on the meta device: a LeNet of width 512 (3.3 billion parameters) is refused
+    in one line naming --width and --batch, the count and the memory, instead of a failed allocation."""
+    from robprune.engine import bench
+    from robprune.engine.resources import model_memory
+
+    # the count against a real model's: LeNet w=4 has 206,954 parameters (every profile's summary says so)
+    assert model_memory("lenet", 4, num_classes=10, in_channels=1, image_size=28) == (206_954, 206_954 * 29)
+    n, need = model_memory("lenet", 512, num_classes=10, in_channels=1, image_size=28)
+    assert 3.3e9 < n < 3.4e9 and need == n * 29
+    monkeypatch.setattr(bench, "build_model", lambda *a, **k: pytest.fail("built a model that cannot fit"))
+    monkeypatch.setattr(bench, "memory_available", lambda dev: (64 << 30, "the test's memory"))  # any machine
+    with pytest.raises(ValueError) as e:
+        run_bench(model="lenet", width=512, batch=16, device="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"--width 512, --batch 16: lenet has {n:,} parameters") and "GiB" in msg, msg
+    assert "\n" not in msg and msg.endswith("expected a model and batch that fit in the test's memory (64.0 GiB)")
+
+
 def test_channels_last_hazard_names_the_conv_and_its_stride():
     from robprune.engine.models import cpu_channels_last_hazard
 

@@ -541,29 +541,31 @@ def experiment_cmd(
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Option("lenet", "--model", help="lenet (MNIST shape) | resnet18 | vgg16 | wrn (CIFAR shape)."),
-    width: int = typer.Option(4, "--width", help="Width (16 = standard size; the widen factor k for wrn)."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size (default 128; 4096 with "
+    width: int = typer.Option(4, "--width", min=1, max=1024,
+                              help="Width (16 = standard size; the widen factor k for wrn)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=65536, help="Batch size (default 128; 4096 with "
                                                               "--semi-structured)."),
     attack: str = typer.Option("pgd", "--attack", help="pgd | fgsm-rs | none."),
-    steps: int = typer.Option(40, "--steps", help="Attack steps."),
+    steps: int = typer.Option(40, "--steps", min=0, max=10_000, help="Attack steps."),
     phase: str = typer.Option("admm", "--phase", help="pretrain | admm (with the penalty) | retrain (with masks)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed blocks per path (the median is reported; "
                                                                     "default 5); with --pipeline, runs of each "
                                                                     "profile (default 3)."),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed steps per path first."),
-    iters: int = typer.Option(10, "--iters", help="Steps per timed block."),
+    warmup: int = typer.Option(3, "--warmup", min=0, max=100_000, help="Untimed steps per path first."),
+    iters: int = typer.Option(10, "--iters", min=1, max=100_000, help="Steps per timed block."),
     baseline: bool = typer.Option(False, "--baseline", help="Also time the reference-style loop, interleaved."),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for ours (CUDA only, as in the engine; on the "
                                                     "CPU not used: settings.bf16 is false). The reference loop "
                                                     "stays float32, read against float32's matmul rate and peak."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and data."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
-    depth: int = typer.Option(28, "--depth", help="WRN depth."),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0 = torch's default)."),
+    depth: int = typer.Option(28, "--depth", min=1, max=1000, help="WRN depth."),
+    threads: int = typer.Option(0, "--threads", min=0, max=1024, help="torch threads (0 = torch's default)."),
     ratio: float = typer.Option(0.9, "--ratio", help="Pruning ratio of every prunable layer."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam."),
-    eval_batches: int = typer.Option(1, "--eval-batches", help="Batches in the PGD evaluation timing (0 = skip)."),
+    eval_batches: int = typer.Option(1, "--eval-batches", min=0, max=100_000,
+                                     help="Batches in the PGD evaluation timing (0 = skip)."),
     history: int = typer.Option(0, "--history", min=0, max=10_000_000,
                                 help="Instead: push this many step records through the dashboard's state and "
                                      "time each plot's redraw (and the memory the history holds)."),
@@ -601,10 +603,6 @@ def bench_cmd(
                 raise UserError(f"--model: expected one of {', '.join(MODELS)}, found {model!r}")
             if attack not in ATTACK_KINDS:
                 raise UserError(f"--attack: expected one of {', '.join(ATTACK_KINDS)}, found {attack!r}")
-            for name, v, lo in (("--width", width, 1), ("--batch", batch or 128, 1), ("--steps", steps, 0),
-                                ("--iters", iters, 1), ("--warmup", warmup, 0), ("--threads", threads, 0)):
-                if v < lo:
-                    raise UserError(f"{name}: expected at least {lo}, found {v}")
             result = run_dist_bench(nproc, model=model, width=width, batch=batch or 128, attack=attack, steps=steps,
                                     device=device, warmup=warmup, iters=iters, repeats=3 if repeats is None else repeats,
                                     threads=threads, depth=depth, say=_say)
