@@ -201,13 +201,16 @@ def _damage(path: Path, exc: BaseException) -> str:
 def ensure_dir(path: Path, what: str, expected: str, option: str) -> list[Path]:
     """Make the directory ``path`` (and its missing parents), or take it when it is one already; return the
     directories made, outermost first (none when it was there). What stands in the way (a file, a device or a
-    dangling link at ``path``, a file above it, a place that cannot be written) is one UserError naming the path,
+    dangling link at ``path``, a file above it, a place this user cannot write in) is one UserError naming the path,
     what it should have been (``what``: "run directory"; ``expected``: "a new or empty directory for the run") and
     the ``option`` to change. The one check for every directory a command writes into."""
     try:
         if path.is_symlink() or path.exists():
             if not path.is_dir():
                 raise UserError(f"{path}: is not a directory (a file or a device is there): expected {expected} "
+                                f"(choose another {option})")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise UserError(f"{path}: cannot write in the {what}: permission denied: expected a writable place "
                                 f"(choose another {option})")
             return []
         missing = [q for q in (path, *path.parents) if not q.exists()][::-1]

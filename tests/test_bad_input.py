@@ -172,6 +172,7 @@ def test_run_dir_in_a_read_only_place(tmp_path):
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)
     one_line_error(robprune("run", p, "--run-dir", tmp_path / "ro" / "r"), "cannot create the run directory")
+    one_line_error(robprune("run", p, "--run-dir", tmp_path / "ro"), "cannot write in the run directory")
 
 
 @pytest.mark.parametrize("args, words", [
