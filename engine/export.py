@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_text
+from .rundir import RunDir, atomic_write_bytes, atomic_write_text, read_json_state
 
 CARD_FORMAT = 1
 MODEL_FILE, MASKS_FILE, PROGRAM_FILE, CARD_FILE = "model.safetensors", "masks.safetensors", "model.pt2", "model_card.json"
@@ -300,8 +300,7 @@ def export_all(run_dir: str | Path, skipped: list[str] | None = None, *, compact
         check_semi_structured(rm)
     _refuse_links(rm.rd)
     paths = export_run(run_dir, skipped)
-    summary = json.loads((rm.rd.path / "summary.json").read_text(encoding="utf-8"))
-    more, card = export_model(rm, summary, compact=compact, semi_structured=semi_structured)
+    more, card = export_model(rm, compact=compact, semi_structured=semi_structured)
     return paths + more, card
 
 
@@ -319,10 +318,9 @@ def export_model(run: RunModel | str | Path, summary: dict | None = None, *, com
     rm = run if isinstance(run, RunModel) else load_run_model(run)
     rd = rm.rd
     if summary is None:
-        try:
-            summary = json.loads((rd.path / "summary.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            raise UserError(f"{rd.path / 'summary.json'}: missing or damaged: run robprune export first") from None
+        summary = read_json_state(rd.path / "summary.json")
+        if not isinstance(summary, dict):
+            raise UserError(f"{rd.path / 'summary.json'}: missing or damaged: run robprune export first")
     if compact:
         check_compactable(rm)
     if semi_structured:

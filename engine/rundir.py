@@ -57,15 +57,39 @@ DIR_MODE = 0o777 & ~_UMASK & ~0o022
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
-def open_append(path: Path, mode: int = FILE_MODE) -> int:
-    """Open ``path`` for appending (created with ``mode`` if missing) without following a symlink: a link planted
-    where the engine writes is refused with a one-line :class:`UserError`."""
+def open_run_file(path: Path, flags: int = os.O_RDONLY, mode: int = FILE_MODE) -> int:
+    """Open a file robprune keeps in a run directory (``flags`` as for os.open) without following a symlink and
+    without blocking: a symlink, a FIFO, a device or a directory in its place is refused with a one-line
+    :class:`UserError` (a FIFO would hold the open, or the first read, until another process opened its other
+    end). A missing file raises FileNotFoundError, other failures OSError, as os.open does."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | _NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UserError(f"{path}: is a symlink; robprune never writes through one: remove it") from None
+            verb = "writes" if flags & (os.O_WRONLY | os.O_RDWR) else "reads"
+            raise UserError(f"{path}: is a symlink; robprune never {verb} through one: remove it") from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO no one reads, opened to write; a directory
+            kind = "a FIFO (named pipe)" if exc.errno == errno.ENXIO else "a directory"
+            raise UserError(f"{path}: is {kind}, expected a file robprune writes: remove it") from None
         raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: is {file_kind(st.st_mode)}, expected a file robprune writes: remove it")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_run_file(path: Path) -> bytes:
+    """The bytes of a file robprune keeps in a run directory, opened by :func:`open_run_file`."""
+    with os.fdopen(open_run_file(path), "rb") as f:
+        return f.read()
+
+
+def open_append(path: Path, mode: int = FILE_MODE) -> int:
+    """Open ``path`` for appending (created with ``mode`` if missing) by :func:`open_run_file`: a symlink, a FIFO
+    or a device planted where the engine writes is refused in one line."""
+    return open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -461,7 +485,7 @@ class RunDir:
         """Complete lines in metrics.jsonl (a line cut off at the end does not count)."""
         if not self.metrics.exists():
             return 0
-        with open(self.metrics, "rb") as f:
+        with os.fdopen(open_run_file(self.metrics), "rb") as f:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
     def truncate_metrics(self, lines: int) -> None:
@@ -469,7 +493,7 @@ class RunDir:
         resumed run has no duplicated steps) and a last line cut off by a kill or a full disk."""
         if not self.metrics.exists():
             return
-        with open(self.metrics, "rb") as f:
+        with os.fdopen(open_run_file(self.metrics), "rb") as f:
             kept = [ln for _, ln in zip(range(lines), f) if ln.endswith(b"\n")]
         atomic_write_bytes(self.metrics, b"".join(kept))
 
@@ -535,7 +559,7 @@ def read_jsonl(path: str | Path) -> Records:
     p = Path(path)
     out = Records()
     try:
-        data = p.read_bytes()
+        data = read_run_file(p)
     except FileNotFoundError:
         return out
     lines = data.split(b"\n")

@@ -24,7 +24,7 @@ from .errors import UserError
 from .events import DistributedStart, Event, EventBus, Subscriber
 from .pipeline import CHECKPOINT_FORMAT, Engine
 from .resources import check_fits
-from .rundir import FORMAT_VERSION, RunDir, default_run_dir, safe_torch_load
+from .rundir import FORMAT_VERSION, RunDir, default_run_dir, read_run_file, safe_torch_load
 
 
 class Session:
@@ -243,7 +243,7 @@ def _check_meta(rd: RunDir) -> None:
     if not rd.meta.exists():
         return
     try:
-        meta = json.loads(rd.meta.read_text(encoding="utf-8"))
+        meta = json.loads(read_run_file(rd.meta).decode("utf-8"))
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{rd.meta}: not readable JSON ({type(exc).__name__}): expected the meta.json robprune "
                         f"writes; {rd.path} is damaged") from None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .rundir import RunDir, atomic_write_text, read_jsonl
+from .rundir import RunDir, atomic_write_text, read_json_state, read_jsonl
 
 
 def build_summary(*, cfg, weights: dict[str, torch.Tensor], layers: dict[str, dict], final_eval: dict | None,
@@ -233,12 +233,10 @@ def export_run(run_dir: str | Path, skipped: list[str] | None = None) -> list[Pa
                             final_eval=final,
                             phase_times=st["phase_times"], rho_history=st["rho_history"], status=status,
                             step=st["step"], device="n/a (export)", run_dir=str(rd.path))
-    prev = rd.path / "summary.json"
-    if prev.exists():  # keep what only the run knew (its device)
-        try:
-            summary["device"] = json.loads(prev.read_text()).get("device", summary["device"])
-        except (OSError, json.JSONDecodeError):
-            pass
+    # keep what only the run knew (its device); None: no file there, or not one to read (a FIFO, a damaged file)
+    previous = read_json_state(rd.path / "summary.json")
+    if isinstance(previous, dict):
+        summary["device"] = previous.get("device", summary["device"])
     paths = write_summary(rd, summary, records)
     rd.append_event({"type": "export", "paths": [str(p) for p in paths], "skipped_lines": len(records.skipped)})
     if skipped is not None:

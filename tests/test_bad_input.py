@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -580,3 +581,28 @@ def test_a_symlink_where_the_engine_writes_is_refused(run_dir, tmp_path, name):
     before = target.read_bytes()
     one_line_error(robprune("run", "--resume", run_dir), f"{f}: is a symlink; robprune never writes through one")
     assert target.read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["meta.json", "metrics.jsonl", "events.jsonl"])
+def test_a_fifo_in_the_run_directory_is_refused_not_waited_on(run_dir, name):
+    """A FIFO where robprune keeps a file would hold an open or a read until someone opened its other end: resume
+    and export refuse it at once, in one line naming it, and leave the run as it was."""
+    f = run_dir / name
+    f.unlink()
+    os.mkfifo(f)
+    resume_fails(run_dir, f"{f}: is a FIFO (named pipe), expected a file robprune writes: remove it")
+    if name != "meta.json":  # export does not read meta.json
+        one_line_error(robprune("export", run_dir, timeout=120), f"{f}: is a FIFO (named pipe)")
+    assert stat.S_ISFIFO(os.lstat(f).st_mode)
+
+
+def test_a_fifo_in_place_of_summary_json_is_replaced_by_the_export(run_dir):
+    """summary.json is only read back for the device the run recorded: a FIFO there is not read (it would block)
+    but replaced, atomically, by the new summary."""
+    f = run_dir / "summary.json"
+    f.unlink(missing_ok=True)
+    os.mkfifo(f)
+    r = robprune("export", run_dir, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert stat.S_ISREG(os.lstat(f).st_mode)
+    assert json.loads(f.read_text())["run_dir"] == str(run_dir)

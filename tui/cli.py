@@ -666,7 +666,7 @@ def main() -> None:
     try:
         app()
     except UserError as exc:  # pragma: no cover - commands catch their own; this is the last net
-        err.print(f"robprune: error: {exc}", markup=False, highlight=False)
+        err.print(f"robprune: error: {exc}", markup=False, highlight=False, soft_wrap=True)  # one line, any width
         sys.exit(2)
 
 
