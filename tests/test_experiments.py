@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -862,3 +863,18 @@ def test_two_fresh_invocations_give_the_same_numbers_and_verdicts(tmp_path):
                     {n: (r["nat_acc"], r["adv_acc"]) for n, r in runs.items()}))
     assert got[0] == got[1]
     assert got[0][0][0][1]["verdict"]  # a verdict was reached (held, did not hold or inconclusive)
+
+
+
+def test_a_runs_summary_that_is_a_fifo_or_not_an_object_counts_as_none(tmp_path):
+    """A finished run's summary.json decides whether the run is reused: a FIFO there is not read (that would wait
+    for a writer forever), and it, like a JSON array, counts as no summary, so the run is finished again."""
+    from robprune.engine.experiments.runs import read_json
+
+    fifo, array, good = tmp_path / "fifo.json", tmp_path / "array.json", tmp_path / "summary.json"
+    os.mkfifo(fifo)
+    array.write_text("[1, 2]\n")
+    good.write_text('{"status": "completed"}\n')
+    assert read_json(fifo) is None and read_json(array) is None and read_json(tmp_path / "missing.json") is None
+    assert read_json(good) == {"status": "completed"}
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)

@@ -122,7 +122,7 @@ def run(
             session = Session.resume(resume) if resume is not None else Session.new(profile, overrides, run_dir)
             session.prepare()
         if output_log:
-            _output_to(session.rundir.path / OUTPUT_LOG if dist is None or dist.writer else Path(os.devnull))
+            _output_to(session.rundir.path / OUTPUT_LOG if dist is None or dist.writer else None)
     except UserError as exc:
         if dist is not None:
             _say(f"robprune: error: {str(exc).splitlines()[0]}")
@@ -228,11 +228,12 @@ def _launch(nproc, profile, overrides, run_dir, resume, quiet, output_log, cfg) 
     raise typer.Exit(launch(nproc, args, say=_say, run_dir=str(rd)))
 
 
-def _output_to(path: Path) -> None:
-    """Send this process's stdout and stderr to ``path`` (appended; never through a symlink)."""
+def _output_to(path: Path | None) -> None:
+    """Send this process's stdout and stderr to ``path`` (the run directory's output.log: appended, by
+    open_append's rules), or to the null device when None (the ranks that do not write)."""
     from robprune.engine.rundir import open_append
 
-    fd = open_append(path)
+    fd = open_append(path) if path is not None else os.open(os.devnull, os.O_WRONLY)
     for target in (1, 2):
         os.dup2(fd, target)
     os.close(fd)

@@ -2,7 +2,6 @@
 reused, one made with other settings is refused, one that never reached a checkpoint is removed."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Callable
 
 from ..config import profile_change
 from ..errors import UserError
-from ..rundir import RunDir
+from ..rundir import RunDir, read_json_state
 
 # keys that do not change a run's numbers: a finished run made with other values of these is still reused
 NOT_COMPARED = ("run.threads", "run.log_interval_s", "run.checkpoint_every", "data.root")
@@ -45,10 +44,10 @@ class RunResult:
 
 
 def read_json(p: Path) -> dict | None:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    """A run's summary.json as a dict; None when it is missing, damaged, not a JSON object or not a regular file
+    (a FIFO there is not waited on: :func:`~..rundir.read_json_state`)."""
+    d = read_json_state(p)
+    return d if isinstance(d, dict) else None
 
 
 def check_same_settings(rd: RunDir, text: str) -> None:
