@@ -317,6 +317,14 @@ for _phase in PHASES:
     })
 
 
+def int_bounds(key: str) -> tuple[int, int]:
+    """The (lowest, highest) value a profile allows for the integer ``key``: the command line's options that set
+    the same thing (robprune bench --width, --batch, ...) take their bounds from here."""
+    rule = _RULES[key]
+    assert rule.kind == "int" and rule.lo is not None and rule.hi is not None, key
+    return int(rule.lo), int(rule.hi)
+
+
 def schema_keys() -> list[str]:
     """Every settable dotted key (``prune.layers`` stands for its whole table)."""
     return [*_RULES, LAYERS_KEY]

@@ -539,15 +539,22 @@ def experiment_cmd(
     out.print(f"report: {exp.out / 'report.md'}", highlight=False)
 
 
+def _bound(key: str, which: int) -> int:
+    """The profile's lowest (0) or highest (1) value for ``key``: bench's options that set the same thing."""
+    from robprune.engine.config import int_bounds
+
+    return int_bounds(key)[which]
+
+
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Option("lenet", "--model", help="lenet (MNIST shape) | resnet18 | vgg16 | wrn (CIFAR shape)."),
-    width: int = typer.Option(4, "--width", min=1, max=1024,
+    width: int = typer.Option(4, "--width", min=_bound("model.width", 0), max=_bound("model.width", 1),
                               help="Width (16 = standard size; the widen factor k for wrn)."),
-    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=65536, help="Batch size (default 128; 4096 with "
-                                                              "--semi-structured)."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=_bound("data.batch_size", 1),
+                                         help="Batch size (default 128; 4096 with --semi-structured)."),
     attack: str = typer.Option("pgd", "--attack", help="pgd | fgsm-rs | none."),
-    steps: int = typer.Option(40, "--steps", min=0, max=10_000, help="Attack steps."),
+    steps: int = typer.Option(40, "--steps", min=0, max=_bound("attack.train.steps", 1), help="Attack steps."),
     phase: str = typer.Option("admm", "--phase", help="pretrain | admm (with the penalty) | retrain (with masks)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed blocks per path (the median is reported; "
@@ -561,8 +568,10 @@ def bench_cmd(
                                                     "stays float32, read against float32's matmul rate and peak."),
     channels_last: bool = typer.Option(False, "--channels-last", help="channels_last model and data."),
     compile_: bool = typer.Option(False, "--compile", help="torch.compile the training forward."),
-    depth: int = typer.Option(28, "--depth", min=1, max=1000, help="WRN depth."),
-    threads: int = typer.Option(0, "--threads", min=0, max=1024, help="torch threads (0 = torch's default)."),
+    depth: int = typer.Option(28, "--depth", min=_bound("model.depth", 0), max=_bound("model.depth", 1),
+                              help="WRN depth."),
+    threads: int = typer.Option(0, "--threads", min=0, max=_bound("run.threads", 1),
+                                help="torch threads (0 = torch's default)."),
     ratio: float = typer.Option(0.9, "--ratio", help="Pruning ratio of every prunable layer."),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adam."),
     eval_batches: int = typer.Option(1, "--eval-batches", min=0, max=100_000,
